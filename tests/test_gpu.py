@@ -1,0 +1,442 @@
+"""autofit.gpu: the catalog, spec parsing and detection, all on CPU (NVML and torch.cuda are faked where needed)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import types
+from types import SimpleNamespace
+
+import pytest
+
+from autofit import gpu
+from autofit.errors import AutofitError, ConfigError, GpuError
+from autofit.gpu import CATALOG, GpuInfo, catalog, detect, resolve
+from autofit.units import GiB, MiB
+
+REQUIRED_KEYS = [
+    "rtx2060", "rtx2060super", "rtx2070", "rtx2070super", "rtx2080", "rtx2080super", "rtx2080ti",
+    "rtx3050", "rtx3060", "rtx3060ti", "rtx3070", "rtx3070ti", "rtx3080", "rtx3080-12gb", "rtx3080-20gb",
+    "rtx3080ti", "rtx3090", "rtx3090ti",
+    "rtx4060", "rtx4060ti", "rtx4060ti-16gb", "rtx4070", "rtx4070super", "rtx4070ti", "rtx4070tisuper",
+    "rtx4080", "rtx4080super", "rtx4090",
+    "rtx5060ti", "rtx5070", "rtx5070ti", "rtx5080", "rtx5090",
+    "rtx3060-laptop", "rtx4060-laptop", "rtx4070-laptop", "rtx4090-laptop",
+    "t4", "v100-16gb", "v100-32gb", "a10", "a10g", "l4", "l40s", "a100-40gb", "a100-80gb",
+    "h100-sxm", "h100-pcie", "h200", "rtxa6000", "rtx6000ada",
+]
+NOMINAL_GIB = {
+    "rtx3060": 12, "rtx4060-laptop": 8, "rtx3080": 10, "rtx3080-12gb": 12, "rtx3080-20gb": 20, "rtx3060-laptop": 6,
+    "rtx4070-laptop": 8, "rtx4090-laptop": 16, "rtx4060ti": 8, "rtx4060ti-16gb": 16, "rtx5060ti": 16, "rtx5090": 32,
+    "v100-16gb": 16, "v100-32gb": 32, "a100-40gb": 40, "a100-80gb": 80, "h100-sxm": 80, "h200": 141, "t4": 16,
+}
+
+
+def one_line(exc: BaseException) -> str:
+    message = str(exc)
+    assert message and "\n" not in message
+    return message
+
+
+# --- catalog ---------------------------------------------------------------------------------------------------
+
+
+def test_catalog_has_every_required_card_once():
+    keys = [card.key for card in CATALOG]
+    assert len(keys) >= 35
+    assert len(set(keys)) == len(keys)
+    assert set(REQUIRED_KEYS) <= set(keys)
+    assert [info.key for info in catalog()] == keys
+
+
+@pytest.mark.parametrize("key, gib", NOMINAL_GIB.items())
+def test_nominal_memory_is_binary(key, gib):
+    card = next(card for card in CATALOG if card.key == key)
+    assert card.nominal_bytes == gib * GiB
+
+
+@pytest.mark.parametrize("info", catalog(), ids=lambda info: info.key)
+def test_catalog_figures_are_plausible(info):
+    card = next(card for card in CATALOG if card.key == info.key)
+    assert info.source == "catalog" and info.index is None
+    assert info.free_bytes == info.total_bytes and info.used_by_others_bytes == 0
+    # the driver keeps back a little (and ECC a sixteenth) but never more than 10 %
+    assert 0.9 * card.nominal_bytes < info.total_bytes < card.nominal_bytes
+    assert info.bf16 == (info.compute_capability >= (8, 0))
+    assert info.family != "unknown"
+    assert info.peak_tflops_16 is None or 10 <= info.peak_tflops_16 <= 1000
+    assert info.bandwidth_gbs is None or 200 <= info.bandwidth_gbs <= 5000
+
+
+def test_turing_and_volta_have_no_bf16():
+    for key in ("rtx2060", "rtx2080ti", "t4", "v100-16gb", "v100-32gb"):
+        assert resolve(key).bf16 is False
+    assert resolve("rtx3060").bf16 is True
+
+
+@pytest.mark.parametrize("key, total", [
+    ("rtx3090", 25_286_672_384),
+    ("rtx4090", 25_386_352_640),
+    ("a100-80gb", 85_100_068_864),
+    ("h100-sxm", 85_045_477_376),
+    ("t4", 15095 * MiB),
+    ("rtx3060", (12 * 1024 - 512) * MiB),      # the rule: 12 GiB less 512 MiB
+    ("h200", (141 * GiB - 141 * GiB // 100) // MiB * MiB),  # the rule: 1 % of a large card
+    ("a10g", (24 * 1024 * 15 // 16 - 512) * MiB),  # the rule with ECC: 15/16 of 24 GiB less 512 MiB
+])
+def test_exact_totals(key, total):
+    assert resolve(key).total_bytes == total
+
+
+def test_rule_agrees_with_every_measured_card():
+    """The reserve rule is fitted to the public deviceQuery figures; it stays within 256 MiB of each."""
+    measured = [card for card in CATALOG if card.reported_bytes is not None]
+    assert len(measured) >= 10
+    for card in measured:
+        rule = gpu._reported_total(card.nominal_bytes, card.ecc)
+        assert abs(rule - card.reported_bytes) <= 256 * MiB, card.key
+
+
+@pytest.mark.parametrize("sms, boost_mhz, whitepaper", [
+    (68, 1545, 53.8),   # RTX 2080 Ti, Turing whitepaper
+    (46, 1710, 40.3),   # RTX 2080
+    (36, 1620, 29.9),   # RTX 2070
+    (46, 1725, 40.6),   # RTX 3070, GA102 whitepaper
+    (68, 1710, 59.5),   # RTX 3080
+    (76, 2505, 97.5),   # RTX 4080, Ada whitepaper
+    (128, 2520, 165.2),  # RTX 4090
+    (170, 2407, 209.5),  # RTX 5090
+])
+def test_geforce_rate_reproduces_whitepapers(sms, boost_mhz, whitepaper):
+    assert gpu._geforce_tflops(sms, boost_mhz) == pytest.approx(whitepaper, abs=0.25)
+
+
+# --- resolve ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("spec, key", [
+    ("rtx3060", "rtx3060"), ("RTX 3060", "rtx3060"), ("3060", "rtx3060"), ("rtx_3060", "rtx3060"),
+    ("NVIDIA GeForce RTX 3060", "rtx3060"), ("rtx3060 12gb", "rtx3060"), ("  rtx-3060  ", "rtx3060"),
+    ("rtx4060-laptop", "rtx4060-laptop"), ("RTX 4060 Laptop", "rtx4060-laptop"),
+    ("NVIDIA GeForce RTX 4060 Laptop GPU", "rtx4060-laptop"), ("4060 laptop", "rtx4060-laptop"),
+    ("rtx 3080 20gb", "rtx3080-20gb"), ("RTX 3080 12GB", "rtx3080-12gb"), ("3080", "rtx3080"),
+    ("rtx3080 10gb", "rtx3080"), ("4060ti", "rtx4060ti"), ("4060 Ti 16GB", "rtx4060ti-16gb"),
+    ("a100-80gb", "a100-80gb"), ("A100 80GB", "a100-80gb"), ("a100", "a100-80gb"), ("A100 40GB", "a100-40gb"),
+    ("NVIDIA A100-SXM4-80GB", "a100-80gb"), ("h100", "h100-sxm"), ("H100 PCIe", "h100-pcie"),
+    ("NVIDIA H100 80GB HBM3", "h100-sxm"), ("v100", "v100-16gb"), ("V100 32GB", "v100-32gb"),
+    ("Tesla T4", "t4"), ("t4", "t4"), ("L40S", "l40s"), ("A10G", "a10g"), ("a6000", "rtxa6000"),
+    ("RTX 6000 Ada", "rtx6000ada"), ("NVIDIA RTX 6000 Ada Generation", "rtx6000ada"),
+    ("RTX 4070 Ti SUPER", "rtx4070tisuper"), ("rtx5090", "rtx5090"), ("H200", "h200"),
+])
+def test_catalog_names_resolve(spec, key):
+    info = resolve(spec)
+    assert info.key == key
+    assert info.source == "catalog"
+
+
+@pytest.mark.parametrize("spec, total", [
+    ("12GB", 12 * GiB), ("12GiB", 12 * GiB), ("8 GB", 8 * GiB), ("11264MiB", 11264 * MiB), ("24g", 24 * GiB),
+    ("1.5GiB", 3 * GiB // 2),
+])
+def test_sizes_resolve_to_exact_bytes(spec, total):
+    info = resolve(spec)
+    assert info.total_bytes == info.free_bytes == total
+    assert info.key is None and info.source == "size" and info.used_by_others_bytes == 0
+    assert info.compute_capability is None and info.bf16 is True
+    assert info.peak_tflops_16 is None and info.bandwidth_gbs is None
+    assert info.name.endswith(" card") and "GiB" in info.name
+
+
+def test_gpuinfo_resolves_to_itself():
+    info = resolve("rtx3060")
+    assert resolve(info) is info
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(GpuError) as err:
+        resolve("rtx3070x")
+    message = one_line(err.value)
+    assert message.startswith("unknown GPU 'rtx3070x'; closest: rtx3070, rtx3070ti, rtx3060;")
+    assert "autofit gpus" in message and "12GiB" in message
+
+
+def test_bare_number_is_a_model_not_a_size():
+    with pytest.raises(GpuError) as err:
+        resolve("1080")
+    message = one_line(err.value)
+    assert "closest: rtx2080, rtx3080, rtx4080" in message and "cuda:1080" in message
+
+
+@pytest.mark.parametrize("spec", ["cuda:x", "cuda:-1", "-3GB", "0GB", "", "   ", "12 parsecs", True, 3.5, [0], -1])
+def test_malformed_specs_raise_one_line(spec, no_gpu):
+    with pytest.raises((GpuError, ConfigError)) as err:
+        resolve(spec)
+    one_line(err.value)
+    assert isinstance(err.value, AutofitError)
+
+
+def test_no_gpu_means_name_a_card(no_gpu):
+    for spec in (None, "cuda"):
+        with pytest.raises(GpuError) as err:
+            resolve(spec)
+        assert one_line(err.value) == ("no CUDA GPU detected; name the card you plan for, "
+                                       "e.g. --gpu rtx3060 or --gpu 12GiB")
+    for spec in ("cuda:1", 1):
+        with pytest.raises(GpuError) as err:
+            resolve(spec)
+        assert "found 0 devices" in one_line(err.value)
+
+
+# --- GpuInfo ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("field, value", [
+    ("name", ""), ("key", ""), ("total_bytes", 0), ("total_bytes", -1), ("total_bytes", 1.5),
+    ("free_bytes", -1), ("free_bytes", 13 * GiB), ("used_by_others_bytes", -5), ("compute_capability", (8,)),
+    ("compute_capability", [8, 6]), ("bf16", 1), ("peak_tflops_16", 0), ("bandwidth_gbs", -360.0),
+    ("index", -1), ("source", "guess"),
+])
+def test_gpuinfo_validation_names_the_field(field, value):
+    good = resolve("rtx3060")
+    with pytest.raises(GpuError) as err:
+        dataclasses.replace(good, **{field: value})
+    assert f"GpuInfo.{field}" in one_line(err.value)
+
+
+@pytest.mark.parametrize("cc, family", [
+    ((7, 0), "volta"), ((7, 5), "turing"), ((8, 0), "ampere"), ((8, 6), "ampere"), ((8, 7), "ampere"),
+    ((8, 9), "ada"), ((9, 0), "hopper"), ((10, 0), "blackwell"), ((12, 0), "blackwell"), ((6, 1), "unknown"),
+    (None, "unknown"),
+])
+def test_family(cc, family):
+    assert dataclasses.replace(resolve("12GiB"), compute_capability=cc).family == family
+
+
+# --- detect ----------------------------------------------------------------------------------------------------
+
+
+def test_detect_without_a_gpu_returns_empty():
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA device")
+    assert detect() == []
+
+
+class FakeNVMLError(Exception):
+    pass
+
+
+def fake_device(name, uuid, *, total_gib, reserved_mib=0, used_mib=0, cc=(8, 6), compute=(), graphics=()):
+    """One NVML device; ``compute``/``graphics`` are (pid, usedGpuMemory bytes or None) pairs."""
+    total = total_gib * GiB
+    used = used_mib * MiB
+    reserved = reserved_mib * MiB
+    return {"name": name, "uuid": uuid, "total": total, "reserved": reserved, "used": used,
+            "free": total - reserved - used, "cc": cc,
+            "compute": None if compute is None else list(compute),  # None: the list is not supported
+            "graphics": None if graphics is None else list(graphics)}
+
+
+def fake_nvml(devices, *, init_error=None, v2=True, broken=()):
+    """A stand-in for nvidia-ml-py's ``pynvml`` module; records init/shutdown calls in ``.calls``."""
+    nvml = types.ModuleType("pynvml")
+    nvml.NVMLError = FakeNVMLError
+    nvml.calls = []
+
+    def init():
+        nvml.calls.append("init")
+        if init_error is not None:
+            raise init_error
+
+    def memory(handle, version=None):
+        if handle["name"] in broken:
+            raise FakeNVMLError("GPU is lost")
+        if version is not None:
+            if not v2:
+                raise FakeNVMLError("Function Not Found")
+            return SimpleNamespace(total=handle["total"], reserved=handle["reserved"], free=handle["free"],
+                                   used=handle["used"])
+        # v1: the reserve shows up as used memory
+        return SimpleNamespace(total=handle["total"], free=handle["free"], used=handle["used"] + handle["reserved"])
+
+    def processes(kind):
+        def get(handle):
+            if handle[kind] is None:
+                raise FakeNVMLError("Not Supported")
+            return [SimpleNamespace(pid=pid, usedGpuMemory=used) for pid, used in handle[kind]]
+        return get
+
+    nvml.nvmlInit = init
+    nvml.nvmlShutdown = lambda: nvml.calls.append("shutdown")
+    nvml.nvmlDeviceGetCount = lambda: len(devices)
+    nvml.nvmlDeviceGetHandleByIndex = lambda i: devices[i]
+    nvml.nvmlDeviceGetName = lambda handle: handle["name"].encode()  # older bindings return bytes
+    nvml.nvmlDeviceGetUUID = lambda handle: handle["uuid"]
+    nvml.nvmlMemory_v2 = 0x02000028
+    nvml.nvmlDeviceGetMemoryInfo = memory
+    nvml.nvmlDeviceGetCudaComputeCapability = lambda handle: handle["cc"]
+    nvml.nvmlDeviceGetComputeRunningProcesses = processes("compute")
+    nvml.nvmlDeviceGetGraphicsRunningProcesses = processes("graphics")
+    return nvml
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.delenv("CUDA_DEVICE_ORDER", raising=False)
+
+
+@pytest.fixture
+def no_torch_gpu(monkeypatch):
+    """A torch whose CUDA is unavailable, so the fallback is deterministic on any machine."""
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=SimpleNamespace(is_available=lambda: False)))
+
+
+@pytest.fixture
+def no_gpu(monkeypatch, clean_env, no_torch_gpu):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([]))
+
+
+OTHER = os.getpid() + 1
+
+
+def two_cards():
+    return [
+        fake_device("NVIDIA GeForce RTX 3060", "GPU-aaaa1111-0000", total_gib=12, reserved_mib=300, used_mib=1800,
+                    compute=[(os.getpid(), 512 * MiB), (OTHER, 1 * GiB)], graphics=[(OTHER + 1, 256 * MiB)]),
+        fake_device("NVIDIA GeForce RTX 4090", "GPU-bbbb2222-0000", total_gib=24, reserved_mib=400, cc=(8, 9)),
+    ]
+
+
+def test_detect_reads_nvml(monkeypatch, clean_env):
+    nvml = fake_nvml(two_cards())
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    first, second = detect()
+    assert first == GpuInfo(name="NVIDIA GeForce RTX 3060", key="rtx3060", total_bytes=12 * GiB - 300 * MiB,
+                            free_bytes=12 * GiB - 2100 * MiB, used_by_others_bytes=1 * GiB + 256 * MiB,
+                            compute_capability=(8, 6), bf16=True, peak_tflops_16=25.5, bandwidth_gbs=360.0,
+                            index=0, source="nvml")
+    assert (second.key, second.index, second.used_by_others_bytes, second.family) == ("rtx4090", 1, 0, "ada")
+    assert nvml.calls == ["init", "shutdown"]
+    assert resolve(None) == first
+    assert resolve("cuda:1") == resolve(1) == second
+
+
+def test_own_process_is_not_counted_and_shared_pids_count_once(monkeypatch, clean_env):
+    device = fake_device("NVIDIA GeForce RTX 3060", "GPU-a", total_gib=12, used_mib=3000,
+                         compute=[(os.getpid(), 2 * GiB), (OTHER, 700 * MiB)], graphics=[(OTHER, 700 * MiB)])
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([device]))
+    assert detect()[0].used_by_others_bytes == 700 * MiB
+
+
+def test_unknown_process_usage_falls_back_to_used_memory(monkeypatch, clean_env):
+    device = fake_device("NVIDIA GeForce RTX 3060", "GPU-a", total_gib=12, used_mib=3000,
+                         compute=[(os.getpid(), 1 * GiB), (OTHER, None)], graphics=[(OTHER + 1, 2**64 - 1)])
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([device]))
+    assert detect()[0].used_by_others_bytes == 3000 * MiB - 1 * GiB
+
+
+def test_missing_process_lists_fall_back_to_used_memory(monkeypatch, clean_env):
+    device = fake_device("NVIDIA GeForce RTX 3060", "GPU-a", total_gib=12, used_mib=900, compute=None, graphics=None)
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([device]))
+    assert detect()[0].used_by_others_bytes == 900 * MiB
+
+
+def test_old_driver_without_memory_v2(monkeypatch, clean_env):
+    device = fake_device("NVIDIA GeForce RTX 3060", "GPU-a", total_gib=12, reserved_mib=300, used_mib=100,
+                         compute=None, graphics=None)
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([device], v2=False))
+    info = detect()[0]
+    assert info.total_bytes == 12 * GiB
+    assert info.used_by_others_bytes == 400 * MiB  # v1 used includes the reserve
+
+
+def test_variants_are_told_apart_by_memory(monkeypatch, clean_env):
+    devices = [fake_device("NVIDIA GeForce RTX 3080", "GPU-a", total_gib=12, reserved_mib=400),
+               fake_device("NVIDIA GeForce RTX 3080", "GPU-b", total_gib=10, reserved_mib=400),
+               fake_device("NVIDIA GeForce RTX 3080 Ti Laptop GPU", "GPU-c", total_gib=16)]
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(devices))
+    assert [info.key for info in detect()] == ["rtx3080-12gb", "rtx3080", None]
+    unknown = detect()[2]
+    assert unknown.peak_tflops_16 is None and unknown.compute_capability == (8, 6) and unknown.bf16
+
+
+@pytest.mark.parametrize("visible, expected", [
+    ("1", [("rtx4090", 0)]),
+    ("1,0", [("rtx4090", 0), ("rtx3060", 1)]),
+    ("GPU-bbbb", [("rtx4090", 0)]),
+    ("GPU-aaaa1111-0000,GPU-bbbb2222-0000", [("rtx3060", 0), ("rtx4090", 1)]),
+    ("0,7,1", [("rtx3060", 0)]),   # CUDA stops at the first invalid entry
+    ("0,0,1", [("rtx3060", 0)]),   # and at a repeated one
+    ("GPU-", []),                   # an ambiguous UUID prefix is invalid
+    ("", []),
+    ("-1", []),
+    ("MIG-5b1f3c2e-0000,1", [("rtx4090", 1)]),  # a MIG slice keeps its number but is not described
+])
+def test_cuda_visible_devices(monkeypatch, clean_env, visible, expected):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(two_cards()))
+    assert [(info.key, info.index) for info in detect()] == expected
+
+
+def test_nvml_init_failure_gives_empty(monkeypatch, clean_env, no_torch_gpu):
+    nvml = fake_nvml(two_cards(), init_error=FakeNVMLError("NVML Shared Library Not Found"))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert detect() == []
+    assert nvml.calls == ["init"]
+
+
+def test_missing_binding_gives_empty(monkeypatch, clean_env, no_torch_gpu):
+    monkeypatch.setitem(sys.modules, "pynvml", None)  # makes `import pynvml` raise ImportError
+    assert detect() == []
+
+
+def test_broken_device_is_skipped_and_nvml_shut_down(monkeypatch, clean_env):
+    nvml = fake_nvml(two_cards(), broken=("NVIDIA GeForce RTX 3060",))
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert [(info.key, info.index) for info in detect()] == [("rtx4090", 1)]
+    assert nvml.calls == ["init", "shutdown"]
+
+
+def test_nvml_failure_mid_way_shuts_down_and_falls_back(monkeypatch, clean_env, no_torch_gpu):
+    nvml = fake_nvml(two_cards())
+
+    def count():
+        raise FakeNVMLError("Unknown Error")
+
+    nvml.nvmlDeviceGetCount = count
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert detect() == []
+    assert nvml.calls == ["init", "shutdown"]
+
+
+def test_torch_fallback(monkeypatch, clean_env):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([], init_error=FakeNVMLError("Driver Not Loaded")))
+    total, free = 24 * GiB - 366 * MiB, 20 * GiB
+    cuda = SimpleNamespace(
+        is_available=lambda: True, device_count=lambda: 1,
+        get_device_properties=lambda i: SimpleNamespace(name="NVIDIA GeForce RTX 4090", major=8, minor=9),
+        mem_get_info=lambda i: (free, total), memory_reserved=lambda i: 0)
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=cuda))
+    (info,) = detect()
+    assert (info.source, info.key, info.index, info.total_bytes) == ("torch", "rtx4090", 0, total)
+    assert info.used_by_others_bytes == total - free and info.peak_tflops_16 == 165.2
+
+
+def test_torch_fallback_errors_give_empty(monkeypatch, clean_env):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml([], init_error=FakeNVMLError("Driver Not Loaded")))
+
+    def broken():
+        raise RuntimeError("CUDA driver initialization failed")
+
+    monkeypatch.setitem(sys.modules, "torch", SimpleNamespace(cuda=SimpleNamespace(is_available=broken)))
+    assert detect() == []
+
+
+def test_missing_device_lists_what_was_found(monkeypatch, clean_env):
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(two_cards()))
+    with pytest.raises(GpuError) as err:
+        resolve("cuda:5")
+    message = one_line(err.value)
+    assert "found 2 device(s)" in message and "cuda:1 NVIDIA GeForce RTX 4090" in message
