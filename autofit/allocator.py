@@ -1,0 +1,186 @@
+"""A model of PyTorch's CUDA caching allocator, replayed over a recorded allocation stream.
+
+An out-of-memory error happens when the allocator cannot grow its reserved memory, and reserved memory exceeds
+allocated memory by what fragmentation leaves unusable, so the budget check needs reserved memory. Rather than
+guess a margin, autofit replays the simulated allocations and releases through a model of the allocator
+(c10/cuda/CUDACachingAllocator.cpp; constants below are from that file): requests rounded to 512 bytes; a small pool
+for requests up to 1 MiB carved from 2 MiB segments, a large pool for the rest carved from 20 MiB segments (requests
+under 10 MiB) or from segments rounded up to 2 MiB; best-fit reuse of cached blocks (smallest block that fits, then
+lowest address); splitting when what remains is at least 512 bytes (small pool) or more than 1 MiB (large pool);
+coalescing of free neighbours; nothing returned to the driver. With ``expandable_segments`` (the
+``PYTORCH_CUDA_ALLOC_CONF`` option) each pool is one segment that maps pages at its end as needed.
+
+Statistics follow the allocator's: ``allocated`` counts whole blocks (a block not split keeps its remainder), and
+``reserved`` counts segments.
+"""
+
+from __future__ import annotations
+
+import bisect
+from dataclasses import dataclass
+
+import numpy as np
+
+MIN_BLOCK = 512  # kMinBlockSize
+SMALL_SIZE = 1 << 20  # kSmallSize: the largest "small" request
+SMALL_BUFFER = 2 << 20  # kSmallBuffer: small pool segments
+LARGE_BUFFER = 20 << 20  # kLargeBuffer: segments for requests between 1 and 10 MiB
+MIN_LARGE_ALLOC = 10 << 20  # kMinLargeAlloc
+ROUND_LARGE = 2 << 20  # kRoundLarge: larger segments are rounded to 2 MiB
+
+
+def round_size(size: int) -> int:
+    return MIN_BLOCK if size < MIN_BLOCK else -(-size // MIN_BLOCK) * MIN_BLOCK
+
+
+def segment_size(size: int) -> int:
+    """Bytes the allocator asks the driver for when no cached block fits a request of ``size``."""
+    if size <= SMALL_SIZE:
+        return SMALL_BUFFER
+    if size < MIN_LARGE_ALLOC:
+        return LARGE_BUFFER
+    return -(-size // ROUND_LARGE) * ROUND_LARGE
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class AllocatorStats:
+    """Peaks of a replay, in bytes, as ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` report them."""
+
+    peak_allocated: int
+    peak_reserved: int
+    segments: int
+
+
+class _Block:
+    __slots__ = ("addr", "size", "free", "prev", "next", "small")
+
+    def __init__(self, addr, size, small):
+        self.addr, self.size, self.free, self.small = addr, size, True, small
+        self.prev = self.next = None
+
+
+class CachingAllocator:
+    """The caching allocator's block bookkeeping, without memory behind it."""
+
+    def __init__(self, *, expandable: bool = False) -> None:
+        self.expandable = expandable
+        self._pools: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}  # (size, addr, block)
+        self._tails: dict[bool, _Block | None] = {True: None, False: None}  # expandable: last block of the segment
+        self._ends: dict[bool, int] = {True: 0, False: 0}  # expandable: bytes mapped per pool
+        self._next_addr = 0
+        self.allocated = self.reserved = 0
+        self.peak_allocated = self.peak_reserved = 0
+        self.segments = 0
+
+    def malloc(self, size: int) -> _Block:
+        size = round_size(size)
+        small = size <= SMALL_SIZE
+        pool = self._pools[small]
+        i = bisect.bisect_left(pool, (size, -1))
+        if i < len(pool):
+            block = pool.pop(i)[2]
+        else:
+            block = self._grow(size, small)
+        block.free = False
+        remaining = block.size - size
+        if remaining >= MIN_BLOCK if small else remaining > SMALL_SIZE:
+            rest = _Block(block.addr + size, remaining, small)
+            rest.prev, rest.next = block, block.next
+            if block.next is not None:
+                block.next.prev = rest
+            block.next = rest
+            block.size = size
+            if self.expandable and self._tails[small] is block:
+                self._tails[small] = rest
+            self._insert(rest)
+        self.allocated += block.size
+        self.peak_allocated = max(self.peak_allocated, self.allocated)
+        return block
+
+    def free(self, block: _Block) -> None:
+        self.allocated -= block.size
+        block.free = True
+        for neighbour in (block.prev, block.next):
+            if neighbour is not None and neighbour.free:
+                self._remove(neighbour)
+                if neighbour is block.prev:
+                    neighbour.size += block.size
+                    neighbour.next = block.next
+                    if block.next is not None:
+                        block.next.prev = neighbour
+                    if self._tails[block.small] is block:
+                        self._tails[block.small] = neighbour
+                    block = neighbour
+                else:
+                    block.size += neighbour.size
+                    block.next = neighbour.next
+                    if neighbour.next is not None:
+                        neighbour.next.prev = block
+                    if self._tails[block.small] is neighbour:
+                        self._tails[block.small] = block
+        self._insert(block)
+
+    def _grow(self, size: int, small: bool) -> _Block:
+        if not self.expandable:
+            nbytes = segment_size(size)
+            block = _Block(self._next_addr, nbytes, small)
+            self._next_addr += nbytes
+            self.segments += 1
+            self._reserve(nbytes)
+            return block
+        # expandable: extend the pool's single segment at its end, reusing a free block already there
+        page = SMALL_BUFFER if small else LARGE_BUFFER
+        tail = self._tails[small]
+        have = tail.size if tail is not None and tail.free else 0
+        need = -(-(size - have) // page) * page
+        self._reserve(need)
+        self._ends[small] += need
+        if have:
+            self._remove(tail)
+            tail.size += need
+            return tail
+        block = _Block(self._ends[small] - need + (0 if small else 1 << 50), need, small)
+        block.prev = tail
+        if tail is not None:
+            tail.next = block
+        if tail is None:
+            self.segments += 1
+        self._tails[small] = block
+        return block
+
+    def _reserve(self, nbytes: int) -> None:
+        self.reserved += nbytes
+        self.peak_reserved = max(self.peak_reserved, self.reserved)
+
+    def _insert(self, block: _Block) -> None:
+        bisect.insort(self._pools[block.small], (block.size, block.addr, block))
+
+    def _remove(self, block: _Block) -> None:
+        pool = self._pools[block.small]
+        i = bisect.bisect_left(pool, (block.size, block.addr))
+        del pool[i]
+
+
+def replay(sizes: np.ndarray, events: np.ndarray, *, baseline_uids=(), expandable: bool = False,
+           extra: tuple[int, ...] = ()) -> AllocatorStats:
+    """Runs an allocation stream through the allocator model.
+
+    ``sizes[u]`` is the request of allocation ``u``; ``events`` lists allocations as ``u`` and releases as
+    ``-u - 1``; ``baseline_uids`` are allocated first (tensors that existed before recording); ``extra`` are
+    requests made once before everything else and never released (library workspaces).
+    """
+    alloc = CachingAllocator(expandable=expandable)
+    for nbytes in extra:
+        alloc.malloc(nbytes)
+    blocks: dict[int, _Block] = {}
+    for uid in baseline_uids:
+        blocks[int(uid)] = alloc.malloc(int(sizes[uid]))
+    for event in events.tolist():
+        if event >= 0:
+            blocks[event] = alloc.malloc(int(sizes[event]))
+        else:
+            block = blocks.pop(-event - 1, None)
+            if block is not None:
+                alloc.free(block)
+    return AllocatorStats(peak_allocated=alloc.peak_allocated, peak_reserved=alloc.peak_reserved,
+                          segments=alloc.segments)

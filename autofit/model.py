@@ -1,0 +1,363 @@
+"""Model references resolved to architectures on the ``meta`` device, with exact parameter counts.
+
+A model reference is an ``nn.Module`` (a transformers model, never modified), a ``PretrainedConfig``, a local
+directory holding a ``config.json``, a repo id found in the local Hugging Face cache, or a name from autofit's built-in
+catalog of well-known configs (``autofit/configs``). Nothing is downloaded and no weights are read: the architecture is
+enough to plan.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import functools
+import json
+import logging
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
+
+import torch
+from torch import nn
+
+from autofit.errors import ConfigError, ModelError
+
+log = logging.getLogger(__name__)
+
+CONFIG_DIR = Path(__file__).parent / "configs"
+
+# peft has no default LoRA targets for these architectures; these are the attention projections peft's own
+# examples adapt for them (Phi-3 fuses q, k and v into one projection).
+_EXTRA_LORA_TARGETS = {"phi3": ("qkv_proj",)}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ParamCounts:
+    """Parameter counts of a model as one fine-tuning method loads it; tied weights count once."""
+
+    total: int
+    trainable: int
+    by_dtype: Mapping[str, int]  # dtype name -> parameters stored in it ("nf4"/"int8" for quantized weights)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.trainable <= self.total:
+            raise ValueError(f"trainable must lie in [0, total]; got trainable={self.trainable} total={self.total}")
+        if sum(self.by_dtype.values()) != self.total:
+            raise ValueError(f"by_dtype must sum to total={self.total}; got {dict(self.by_dtype)}")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class ModelSpec:
+    """An architecture autofit can plan for: its config, shape and exact parameter counts.
+
+    ``total_params`` is ``non_layer_params + num_layers * layer_params`` exactly (decoder layers are identical).
+    """
+
+    name: str
+    config: object  # transformers.PretrainedConfig; read-only by convention
+    model_type: str
+    num_layers: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    vocab_size: int
+    max_positions: int | None
+    sliding_window: int | None
+    tied_embeddings: bool
+    total_params: int
+    layer_params: int
+    non_layer_params: int
+    lora_targets: tuple[str, ...]
+    source: str  # "catalog", "config", "directory", "hf-cache" or "module"
+    module: nn.Module | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_heads", "head_dim", "vocab_size", "total_params"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        if self.non_layer_params + self.num_layers * self.layer_params != self.total_params:
+            raise ValueError("total_params must equal non_layer_params + num_layers * layer_params")
+
+    def check_seq_len(self, seq_len: int) -> None:
+        """Raises ConfigError when ``seq_len`` exceeds the model's positions."""
+        if seq_len <= 0:
+            raise ConfigError(f"sequence length must be positive; got {seq_len}")
+        if self.max_positions is not None and seq_len > self.max_positions:
+            raise ConfigError(
+                f"sequence length {seq_len} is beyond {self.name}'s {self.max_positions} positions; "
+                f"use --seq-len {self.max_positions} or less"
+            )
+
+
+# -- the built-in catalog ----------------------------------------------------------------------------------------------
+@functools.cache
+def _catalog() -> dict[str, dict]:
+    entries = {}
+    for path in sorted(CONFIG_DIR.glob("*.json")):
+        entry = json.loads(path.read_text())
+        entries[entry["name"]] = entry
+    return entries
+
+
+def _catalog_index() -> dict[str, str]:
+    index = {}
+    for name, entry in _catalog().items():
+        for key in (name, name.split("/")[-1], *entry.get("aliases", ())):
+            index.setdefault(key.lower(), name)
+    return index
+
+
+def catalog_names() -> list[str]:
+    """Repo ids of every model in the built-in catalog, smallest first."""
+    return sorted(_catalog(), key=lambda n: _catalog()[n]["params"])
+
+
+def _config_from_dict(data: dict):
+    from transformers import AutoConfig
+
+    data = dict(data)
+    model_type = data.pop("model_type")
+    return AutoConfig.for_model(model_type, **data)
+
+
+# -- resolving references ----------------------------------------------------------------------------------------------
+def resolve(ref) -> ModelSpec:
+    """The ``ModelSpec`` of a model reference (see the module docstring). Raises ``ModelError``."""
+    from transformers import PretrainedConfig
+
+    if isinstance(ref, ModelSpec):
+        return ref
+    if isinstance(ref, nn.Module):
+        config = getattr(ref, "config", None)
+        if not isinstance(config, PretrainedConfig):
+            raise ModelError(
+                f"cannot plan for a {type(ref).__name__} without a transformers config; "
+                "pass a transformers model, its config, or a model name"
+            )
+        name = getattr(config, "_name_or_path", "") or type(ref).__name__
+        return _spec(name, copy.deepcopy(config), source="module", module=ref)
+    if isinstance(ref, PretrainedConfig):
+        return _spec(getattr(ref, "_name_or_path", "") or ref.model_type, copy.deepcopy(ref), source="config")
+    if not isinstance(ref, (str, os.PathLike)):
+        raise ModelError(f"cannot read a model reference of type {type(ref).__name__}; pass a name, path or model")
+    text = os.fspath(ref).strip()
+    if not text:
+        raise ModelError("empty model name; pass a model name such as distilgpt2, or a directory with config.json")
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} has no config.json; point at the model's directory")
+        return _spec(text, _load_config(path / "config.json"), source="directory")
+    if path.suffix == ".json" and path.is_file():
+        return _spec(path.stem, _load_config(path), source="directory")
+    cached = _from_hf_cache(text)
+    if cached is not None:
+        return _spec(text, cached, source="hf-cache")
+    canonical = _catalog_index().get(text.lower())
+    if canonical is not None:
+        entry = _catalog()[canonical]
+        return _spec(canonical, _config_from_dict(entry["config"]), source="catalog")
+    close = difflib.get_close_matches(text.lower(), list(_catalog_index()), n=3, cutoff=0.5)
+    hint = f"closest: {', '.join(close)}; " if close else ""
+    raise ModelError(
+        f"unknown model {text!r} (not a local directory, not in the Hugging Face cache, not in autofit's catalog); "
+        f"{hint}run 'autofit models' for the catalog or pass a directory with config.json"
+    )
+
+
+def _load_config(path: Path):
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ModelError(f"cannot read {path}: {err}") from None
+    if "model_type" not in data:
+        raise ModelError(f"{path} has no model_type; it is not a transformers config")
+    try:
+        return _config_from_dict(data)
+    except (KeyError, ValueError) as err:
+        raise ModelError(f"{path}: transformers does not know model_type {data['model_type']!r} ({err})") from None
+
+
+def _from_hf_cache(repo_id: str):
+    """The config of ``repo_id`` from the local Hugging Face cache, or None; never touches the network."""
+    if repo_id.count("/") != 1:
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        path = try_to_load_from_cache(repo_id, "config.json")
+    except Exception:  # a malformed id, or no cache at all
+        return None
+    if not isinstance(path, str) or not os.path.isfile(path):
+        return None
+    return _load_config(Path(path))
+
+
+# -- building on meta and counting ---------------------------------------------------------------------------------
+def with_layers(config, num_layers: int):
+    """A copy of ``config`` with ``num_layers`` decoder layers (per-layer lists such as ``layer_types`` cut to fit)."""
+    config = copy.deepcopy(config)
+    config.num_hidden_layers = num_layers
+    for key in ("layer_types",):
+        values = getattr(config, key, None)
+        if isinstance(values, (list, tuple)) and len(values) > num_layers:
+            setattr(config, key, list(values[:num_layers]))
+    return config
+
+
+def build(config, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A causal-LM model of ``config`` on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        except ValueError as err:
+            raise ModelError(f"transformers cannot build a causal LM from this config: {err}") from None
+
+
+def lora_targets(model_type: str) -> tuple[str, ...]:
+    """peft's default LoRA target modules for ``model_type``."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
+
+    targets = defaults.get(model_type) or _EXTRA_LORA_TARGETS.get(model_type)
+    return tuple(targets) if targets else ()
+
+
+def apply_lora(
+    model: nn.Module, *, r: int, alpha: int, dropout: float, targets: tuple[str, ...], device: str = "meta"
+) -> nn.Module:
+    """``model`` with peft LoRA adapters created on ``device`` (fp32, as peft makes them)."""
+    from peft import LoraConfig, get_peft_model
+
+    if r <= 0:
+        raise ConfigError(f"LoRA rank must be positive; got {r}")
+    if not targets:
+        raise ModelError("no LoRA target modules known for this architecture; pass them with --lora-targets a,b")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type="CAUSAL_LM")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.device(device):
+                return get_peft_model(model, config)
+        except ValueError as err:
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ModelError(
+                f"LoRA targets {','.join(targets)} do not match this model ({str(err).splitlines()[0]}); "
+                f"its linear layers are: {','.join(names)}"
+            ) from None
+
+
+def unique_params(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of ``model``, each once even when tied."""
+    seen, out = set(), []
+    for p in model.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+def _shape(config) -> dict:
+    get = functools.partial(getattr, config)
+    hidden = get("hidden_size")
+    heads = get("num_attention_heads")
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or hidden // heads
+    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
+    return dict(
+        hidden_size=hidden, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter,
+        vocab_size=get("vocab_size"), max_positions=positions,
+    )
+
+
+def _spec(name: str, config, *, source: str, module: nn.Module | None = None) -> ModelSpec:
+    from transformers import AutoModelForCausalLM  # noqa: F401  (import errors surface here, not mid-plan)
+
+    try:
+        shape = _shape(config)
+        num_layers = config.num_hidden_layers
+    except AttributeError as err:
+        raise ModelError(f"{name}: config lacks {err.name}; autofit plans decoder-only language models") from None
+    counts = [_count_full(config, n) for n in (1, 2)]
+    layer_params = counts[1] - counts[0]
+    non_layer = counts[0] - layer_params
+    window = getattr(config, "sliding_window", None)
+    if not getattr(config, "use_sliding_window", True):
+        window = None
+    return ModelSpec(
+        name=name,
+        config=config,
+        model_type=config.model_type,
+        num_layers=num_layers,
+        sliding_window=window,
+        tied_embeddings=bool(getattr(config, "tie_word_embeddings", False)),
+        total_params=non_layer + num_layers * layer_params,
+        layer_params=layer_params,
+        non_layer_params=non_layer,
+        lora_targets=lora_targets(config.model_type),
+        source=source,
+        module=module,
+        **shape,
+    )
+
+
+def _count_full(config, num_layers: int) -> int:
+    model = build(with_layers(config, num_layers))
+    return sum(p.numel() for p in unique_params(model))
+
+
+def count_params(
+    spec: ModelSpec,
+    *,
+    method: str = "full",
+    quantization: str = "none",
+    half: torch.dtype = torch.bfloat16,
+    lora_r: int = 16,
+    lora_targets: tuple[str, ...] | None = None,
+) -> ParamCounts:
+    """Exact parameter counts of ``spec`` as ``method`` loads it (full: fp32; lora: 16-bit base, fp32 adapters;
+    quantized: linear layers in 4 or 8 bits, the rest fp32 as ``prepare_model_for_kbit_training`` leaves them)."""
+    targets = tuple(lora_targets) if lora_targets else spec.lora_targets
+    per_depth = [_count_method(spec, n, method, quantization, half, lora_r, targets) for n in (1, 2)]
+    depth = spec.num_layers
+    merged: dict[str, int] = {}
+    for key in set(per_depth[0][2]) | set(per_depth[1][2]):
+        a, b = per_depth[0][2].get(key, 0), per_depth[1][2].get(key, 0)
+        merged[key] = a + (b - a) * (depth - 1)
+    total = per_depth[0][0] + (per_depth[1][0] - per_depth[0][0]) * (depth - 1)
+    trainable = per_depth[0][1] + (per_depth[1][1] - per_depth[0][1]) * (depth - 1)
+    return ParamCounts(total=total, trainable=trainable, by_dtype=MappingProxyType({k: v for k, v in merged.items() if v}))
+
+
+def _count_method(spec, num_layers, method, quantization, half, lora_r, targets) -> tuple[int, int, dict[str, int]]:
+    from autofit import kbit
+
+    config = with_layers(spec.config, num_layers)
+    if method == "full":
+        model = build(config, dtype=torch.float32)
+    else:
+        model = build(config, dtype=half)
+        if quantization != "none":
+            kbit.quantize_linears(model, quantization, compute_dtype=half)
+            kbit.upcast_non_quantized(model)
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model = apply_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0, targets=targets)
+    total = trainable = 0
+    by_dtype: dict[str, int] = {}
+    for p in unique_params(model):
+        n = kbit.logical_numel(p)
+        key = kbit.storage_name(p)
+        total += n
+        by_dtype[key] = by_dtype.get(key, 0) + n
+        if p.requires_grad:
+            trainable += n
+    return total, trainable, by_dtype

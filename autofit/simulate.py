@@ -1,0 +1,445 @@
+"""Real training steps on fake CPU tensors that imitate CUDA, with every allocation and release recorded.
+
+A simulated step is the step ``transformers.Trainer`` runs on a GPU, op for op: the model as the method loads it
+(fp32 weights for full fine-tuning; a 16-bit frozen base with fp32 peft LoRA adapters; 4- or 8-bit linear layers
+stored as bitsandbytes stores them, the rest upcast to fp32 as ``prepare_model_for_kbit_training`` leaves it),
+accelerate's forward wrapper (autocast, then 16-bit outputs converted to fp32), the loss with ``num_items_in_batch``,
+backward, gradient clipping, the optimizer step and ``zero_grad(set_to_none=True)``. Tensors are fake (no memory, no
+compute) and live on the CPU, because fake CUDA tensors abort in backward on a machine without CUDA; the CPU is made
+to behave as CUDA would where it matters for memory: CUDA's autocast policy, the attention kernel CUDA picks for the
+card, transformers' mask decisions answered as real tensors answer them, and CUDA's foreach/fused optimizer paths.
+The same code runs on real CPU tensors, which is how the tests check the tracker byte for byte.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
+
+from autofit import attention, kbit
+from autofit import model as models
+from autofit.cuda_autocast import CudaAutocast
+from autofit.errors import ConfigError, SimulationError
+from autofit.tracker import Tracker, Timeline
+
+log = logging.getLogger(__name__)
+
+METHODS = ("full", "lora", "qlora")
+QUANTIZATIONS = ("none", "8bit", "4bit")
+PRECISIONS = ("bf16", "fp16", "fp32")
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
+
+# What a live allocation holds; ``HOST`` allocations live in host memory on a real run and are not counted.
+WEIGHTS, GRADIENTS, OPTIMIZER, ACTIVATIONS, LOGITS, TEMPORARIES, HOST = range(7)
+CATEGORY_NAMES = ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "temporaries", "host")
+
+# Phase codes stamped on allocations (tag = 10 * step + phase).
+SETUP, INPUTS, FORWARD, HEAD, BACKWARD, OPTIMIZE = range(6)
+
+_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepConfig:
+    """Everything but the batch shape that decides the memory of a training step."""
+
+    method: str = "full"
+    quantization: str = "none"
+    precision: str = "bf16"
+    gradient_checkpointing: bool = False
+    optimizer: str = "adamw_torch_fused"
+    lora_r: int = 16
+    lora_alpha: int | None = None  # None: 2 * lora_r
+    lora_dropout: float = 0.05
+    lora_targets: tuple[str, ...] | None = None  # None: peft's defaults for the architecture
+    max_grad_norm: float | None = 1.0
+    compute_capability: tuple[int, int] = (8, 6)
+    device: str = "cuda"  # the device imitated: "cuda", or "cpu" for runs in host memory
+
+    def __post_init__(self) -> None:
+        for name, allowed in (("method", METHODS), ("quantization", QUANTIZATIONS), ("precision", PRECISIONS),
+                              ("optimizer", OPTIMIZERS)):
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
+        if self.method == "full" and self.quantization != "none":
+            raise ConfigError("full fine-tuning cannot train quantized weights; use --method qlora for 4-bit or 8-bit")
+        if self.method == "qlora" and self.quantization == "none":
+            raise ConfigError("qlora needs --quantization 4bit or 8bit")
+        if self.lora_r <= 0:
+            raise ConfigError(f"lora_r must be positive; got {self.lora_r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"lora_dropout must lie in [0, 1); got {self.lora_dropout}")
+        if self.device not in ("cuda", "cpu"):
+            raise ConfigError(f"device must be cuda or cpu; got {self.device!r}")
+        if self.device == "cuda" and self.precision == "bf16" and self.compute_capability < (8, 0):
+            raise ConfigError("bf16 needs compute capability 8.0 or newer; use --precision fp16 on this card")
+
+    @property
+    def half(self) -> torch.dtype:
+        """The 16-bit dtype of the run (the autocast dtype; bf16 for fp32 runs' frozen weights too)."""
+        return _HALF[self.precision] if self.precision != "fp32" else torch.bfloat16
+
+    @property
+    def uses_lora(self) -> bool:
+        return self.method in ("lora", "qlora")
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Simulation:
+    """What one simulated run recorded: the timeline, what each allocation held, and how it was run."""
+
+    timeline: Timeline
+    categories: np.ndarray  # category of each allocation uid
+    phases: np.ndarray  # phase code of each allocation uid (tag % 10)
+    steps: np.ndarray  # step number of each allocation uid (tag // 10; 0 = before the first step)
+    num_layers: int
+    batch_size: int
+    seq_len: int
+    attention_kernels: tuple[str, ...]  # one per attention call, in order
+    step_peaks: tuple[int, ...]  # peak live bytes within each step
+    fake: bool
+
+    def peak(self) -> int:
+        return self.timeline.peak()
+
+
+# -- building the model as the method loads it -----------------------------------------------------------------------
+def build_model(spec: models.ModelSpec, cfg: StepConfig, num_layers: int, *, device: str = "meta") -> nn.Module:
+    """The model ``cfg.method`` trains, with ``num_layers`` decoder layers, on ``device`` (``meta`` or ``cpu``)."""
+    config = models.with_layers(spec.config, num_layers)
+    if cfg.method == "full":
+        dtype = torch.float32
+    else:
+        dtype = cfg.half if cfg.precision != "fp32" else torch.float32
+    with torch.device(device), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    if cfg.method == "full":
+        return model
+    if cfg.quantization != "none":
+        kbit.quantize_linears(model, cfg.quantization, compute_dtype=cfg.half)
+        kbit.upcast_non_quantized(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    targets = cfg.lora_targets or spec.lora_targets
+    model = models.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha or 2 * cfg.lora_r, dropout=cfg.lora_dropout,
+                              targets=targets, device=device)
+    if cfg.quantization != "none":
+        kbit.use_bnb_lora_forward(model)
+    return model
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The ModuleList of decoder layers: the longest list of modules of one class."""
+    best = None
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            if best is None or len(module) > len(best):
+                best = module
+    if best is None:
+        raise SimulationError(f"cannot find the decoder layers of {type(model).__name__}")
+    return best
+
+
+# -- imitating CUDA on the CPU ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def imitate_cuda(cfg: StepConfig, kernels: list[str]) -> Iterator[CudaAutocast]:
+    """Patches that make CPU tensors take the code paths, and keep the tensors, that ``cfg.device`` tensors would.
+
+    For a CUDA device: CUDA's autocast policy and attention kernel choice; for both: transformers' mask decisions
+    answered as real tensors answer them, and code that asks about CUDA autocast told about ours.
+    """
+    import transformers.masking_utils as masking
+
+    autocast = CudaAutocast()
+    original_enabled = torch.is_autocast_enabled
+    original_packed = masking.find_packed_sequence_indices
+    original_is_tracing = masking.is_tracing
+
+    def is_autocast_enabled(device_type: str | None = None) -> bool:
+        # code written for CUDA (peft's bitsandbytes LoRA layers) asks about CUDA autocast: answer for ours
+        return original_enabled("cpu" if device_type in (None, "cuda") else device_type)
+
+    def find_packed_sequence_indices(position_ids):
+        # transformers treats fake tensors as tracing and then assumes packed sequences, building a full mask that
+        # rules out flash attention. Run its check as real tensors would (same ops, same temporaries) up to the
+        # point where it reads the data; real position ids of an unpacked batch answer "not packed" there.
+        if not isinstance(position_ids, FakeTensor):
+            return original_packed(position_ids)
+        masking.is_tracing = lambda *args, **kwargs: False
+        try:
+            return original_packed(position_ids)
+        except DataDependentOutputException:
+            return None
+        finally:
+            masking.is_tracing = original_is_tracing
+
+    torch.is_autocast_enabled = is_autocast_enabled
+    masking.find_packed_sequence_indices = find_packed_sequence_indices
+    try:
+        if cfg.device == "cpu":
+            yield autocast  # the CPU's own autocast policy and attention kernels
+            return
+        with autocast.installed(), attention.cuda_sdpa(cfg.compute_capability, kernels):
+            yield autocast
+    finally:
+        torch.is_autocast_enabled = original_enabled
+        masking.find_packed_sequence_indices = original_packed
+
+
+# -- the optimizer and the step -------------------------------------------------------------------------------------
+class Adam8bit(torch.optim.Optimizer):
+    """bitsandbytes' 8-bit AdamW as it sits in memory: two uint8 moments and one fp32 absmax per 256-value block
+    for tensors of 4096 values or more (``min_8bit_size``), fp32 moments below; updates happen in place."""
+
+    def __init__(self, params, lr: float = 1e-4) -> None:
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None or self.state[p]:
+                    continue
+                state = self.state[p]
+                if p.numel() >= 4096:
+                    blocks = -(-p.numel() // 256)
+                    state["state1"] = torch.zeros_like(p, dtype=torch.uint8)
+                    state["state2"] = torch.zeros_like(p, dtype=torch.uint8)
+                    state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                    state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
+                else:
+                    state["state1"] = torch.zeros_like(p, dtype=torch.float32)
+                    state["state2"] = torch.zeros_like(p, dtype=torch.float32)
+
+
+def make_optimizer(params: list[nn.Parameter], name: str) -> torch.optim.Optimizer:
+    """The optimizer a Trainer builds for ``optim=name``, on the CUDA code path (foreach or fused)."""
+    if name == "adamw_torch_fused":
+        return torch.optim.AdamW(params, lr=1e-4, fused=True)
+    if name == "adamw_torch":
+        return torch.optim.AdamW(params, lr=1e-4, foreach=True)
+    return Adam8bit(params)
+
+
+def _clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> None:
+    # torch.nn.utils.clip_grad_norm_ on CUDA: per-tensor norms in one foreach op, their norm, one foreach multiply
+    norms = torch._foreach_norm(grads, 2.0)
+    total = torch.linalg.vector_norm(torch.stack(norms), 2.0)
+    coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+    torch._foreach_mul_(grads, coef)
+
+
+class _Recorder:
+    """Layer hooks that mark where each decoder layer's forward starts and ends and where its backward starts."""
+
+    def __init__(self, tracker: Tracker, layers: nn.ModuleList) -> None:
+        self.tracker, self.step, self.phase = tracker, 0, FORWARD
+        self.handles = []
+        for i, layer in enumerate(layers):
+            self.handles.append(layer.register_forward_pre_hook(functools.partial(self._pre, i)))
+            self.handles.append(layer.register_forward_hook(functools.partial(self._post, i)))
+
+    def _pre(self, i, module, args):
+        if self.phase == FORWARD:
+            self.tracker.mark(f"{self.step}:F{i}")
+
+    def _post(self, i, module, args, output):
+        if self.phase != FORWARD:
+            return  # a checkpointed layer recomputing its forward inside backward
+        self.tracker.mark(f"{self.step}:E{i}")
+        hidden = output[0] if isinstance(output, (tuple, list)) else output
+        if isinstance(hidden, torch.Tensor) and hidden.requires_grad:
+            step = self.step
+            hidden.register_hook(lambda grad: self.tracker.mark(f"{step}:B{i}"))
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _set_phase(tracker: Tracker, recorder: _Recorder, step: int, phase: int, label: str) -> None:
+    tracker.tag = 10 * step + phase
+    recorder.step, recorder.phase = step, phase
+    tracker.mark(f"{step}:{label}")
+
+
+def _train_step(model, optimizer, params, cfg, autocast, tracker, recorder, step, batch_size, seq_len, vocab,
+                grad_uids):
+    _set_phase(tracker, recorder, step, INPUTS, "inputs")
+    # the batch a data collator hands over: ids, an all-ones attention mask and labels, moved to the device
+    input_ids = torch.randint(0, vocab, (batch_size, seq_len))
+    attention_mask = torch.ones((batch_size, seq_len), dtype=torch.long)
+    labels = input_ids.clone()
+    num_items = torch.tensor(batch_size * seq_len)
+    _set_phase(tracker, recorder, step, FORWARD, "forward")
+    # An all-ones mask is what the model sees; transformers reads it and, finding no padding, drops it. The
+    # simulation passes None, the same decision without reading fake data.
+    kwargs = dict(input_ids=input_ids, labels=labels, num_items_in_batch=num_items)
+    if cfg.precision == "fp32":
+        outputs = model(**kwargs)
+    else:
+        with autocast.region(cfg.half):
+            outputs = model(**kwargs)
+        # accelerate's convert_outputs_to_fp32: 16-bit outputs (the logits) come back as fp32 copies
+        _set_phase(tracker, recorder, step, HEAD, "outputs")
+        logits32 = outputs.logits.float() if outputs.logits.dtype != torch.float32 else outputs.logits
+        del logits32
+    loss = outputs.loss
+    del outputs
+    _set_phase(tracker, recorder, step, BACKWARD, "backward")
+    if cfg.precision == "fp16":
+        scale = torch.full((), 65536.0)
+        (loss * scale).backward()
+    else:
+        loss.backward()
+    del loss
+    _set_phase(tracker, recorder, step, OPTIMIZE, "optimizer")
+    grads = [p.grad for p in params if p.grad is not None]
+    grad_uids.update(tracker.uid(g) for g in grads)
+    if cfg.precision == "fp16":
+        found_inf = torch.zeros(())
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.full((), 1.0 / 65536.0))
+        del found_inf
+    if cfg.max_grad_norm:
+        _clip_grad_norm(grads, cfg.max_grad_norm)
+    del grads
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    del input_ids, attention_mask, labels, num_items
+    tracker.mark(f"{step}:end")
+
+
+def run(
+    spec: models.ModelSpec,
+    cfg: StepConfig,
+    *,
+    batch_size: int,
+    seq_len: int,
+    num_layers: int | None = None,
+    steps: int = 2,
+    fake: bool = True,
+    budget: int | None = None,
+    seed: int = 0,
+) -> Simulation:
+    """Runs ``steps`` training steps of ``spec`` (cut to ``num_layers`` layers) and records every allocation.
+
+    With ``fake`` the tensors are fake CPU tensors (no memory, seconds for any model size); otherwise real CPU
+    tensors, under ``budget`` bytes when given (``torch.OutOfMemoryError`` past it). Raises ``SimulationError``
+    when the model cannot be stepped this way.
+    """
+    if batch_size <= 0 or seq_len <= 0:
+        raise ConfigError(f"batch size and sequence length must be positive; got {batch_size} and {seq_len}")
+    spec.check_seq_len(seq_len)
+    depth = num_layers or spec.num_layers
+    torch.manual_seed(seed)
+    kernels: list[str] = []
+    model = build_model(spec, cfg, depth, device="meta" if fake else "cpu")
+    with contextlib.ExitStack() as stack:
+        autocast = stack.enter_context(imitate_cuda(cfg, kernels))
+        if fake:
+            stack.enter_context(FakeTensorMode(allow_non_fake_inputs=True))
+            model = model.to_empty(device="cpu")
+            model.tie_weights()
+        model.train()
+        if cfg.gradient_checkpointing:
+            _enable_checkpointing(model)
+        params = [p for p in models.unique_params(model) if p.requires_grad]
+        tracker = Tracker(budget=budget)
+        tracker.adopt(list(model.parameters()) + list(model.buffers()))
+        recorder = _Recorder(tracker, decoder_layers(model))
+        optimizer = make_optimizer(params, cfg.optimizer)
+        step_peaks, grad_uids = [], set()
+        try:
+            with tracker, warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                for step in range(1, steps + 1):
+                    tracker.reset_peak()
+                    _train_step(model, optimizer, params, cfg, autocast, tracker, recorder, step,
+                                batch_size, seq_len, spec.vocab_size, grad_uids)
+                    step_peaks.append(tracker.peak)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as err:
+            raise SimulationError(f"could not simulate a training step of {spec.name}: {type(err).__name__}: {err}") from err
+        finally:
+            recorder.remove()
+        categories = _categorize(tracker, optimizer, cfg, grad_uids)
+    timeline = tracker.timeline()
+    return Simulation(
+        timeline=timeline,
+        categories=categories,
+        phases=(timeline.tags % 10).astype(np.int8),
+        steps=(timeline.tags // 10).astype(np.int8),
+        num_layers=depth,
+        batch_size=batch_size,
+        seq_len=seq_len,
+        attention_kernels=tuple(kernels),
+        step_peaks=tuple(step_peaks),
+        fake=fake,
+    )
+
+
+def _enable_checkpointing(model: nn.Module) -> None:
+    # transformers' default for activation checkpointing is non-reentrant; autofit's trainer asks for the same
+    target = model.get_base_model() if hasattr(model, "get_base_model") else model
+    enable = getattr(target, "activation_checkpointing_enable", None) or target.gradient_checkpointing_enable
+    kwargs_name = "activation_checkpointing_kwargs" if enable.__name__.startswith("activation") else "gradient_checkpointing_kwargs"
+    enable(**{kwargs_name: {"use_reentrant": False}})
+    if hasattr(target.config, "use_cache"):
+        target.config.use_cache = False
+
+
+def _categorize(tracker: Tracker, optimizer, cfg: StepConfig, grad_uids: set[int]) -> np.ndarray:
+    """The category of every allocation: weights, gradients, optimizer state, activations, logits, temporaries."""
+    sizes = len(tracker._sizes)
+    tags = np.array(tracker._tags, dtype=np.int64)
+    phase = tags % 10
+    out = np.full(sizes, TEMPORARIES, dtype=np.int8)
+    out[phase == FORWARD] = ACTIVATIONS
+    out[phase == INPUTS] = ACTIVATIONS
+    out[phase == HEAD] = LOGITS
+    out[tags == 0] = WEIGHTS  # adopted before the first step
+    # The head: everything allocated in forward after the last decoder layer ended, and its backward until the
+    # first layer's backward starts, is the logits-and-loss chain.
+    for start, end in _head_spans(tracker):
+        events = np.array(tracker._events[start:end], dtype=np.int64)
+        uids = events[events >= 0]
+        out[uids] = LOGITS
+    for uid in grad_uids:
+        if uid is not None:
+            out[uid] = GRADIENTS
+    for state in optimizer.state.values():
+        for key, value in state.items():
+            if isinstance(value, torch.Tensor):
+                uid = tracker.uid(value)
+                if uid is not None:
+                    # non-fused AdamW keeps its step counters on the host (torch/optim/adamw.py, _init_group)
+                    out[uid] = HOST if key == "step" and cfg.optimizer == "adamw_torch" else OPTIMIZER
+    return out
+
+
+def _head_spans(tracker: Tracker):
+    """Event ranges of the logits-and-loss chain in each step: [end of the last layer's forward, start of its
+    backward), found from the recorder's marks."""
+    marks = tracker._marks
+    spans = []
+    last_end = {}
+    for index, label in marks:
+        step, _, what = label.partition(":")
+        if what.startswith("E"):
+            last_end[step] = index
+        elif what.startswith("B") and step in last_end:
+            spans.append((last_end.pop(step), index))
+    return spans

@@ -1,0 +1,156 @@
+"""The allocation tracker: every tensor storage an op creates, and when it is released, in allocator-rounded bytes.
+
+The tracker is a ``TorchDispatchMode``: it sees each op's outputs below autograd, registers every storage it has not
+seen, and learns of the storage's release through a weak reference (PyTorch keeps one Python object per storage for
+as long as the storage lives, so the callback fires exactly when the memory would be returned). The same tracker runs
+over fake tensors (the estimate) and over real CPU tensors (tests, and the budgeted CPU device that stands in for a
+GPU when probing), so the two can be compared byte for byte.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+# CUDA's caching allocator rounds every request up to a multiple of 512 bytes
+# (kMinBlockSize in c10/cuda/CUDACachingAllocator.cpp).
+ROUND_BYTES = 512
+
+
+def round_bytes(n: int) -> int:
+    """``n`` bytes as the CUDA caching allocator would hand them out (a multiple of 512, at least 512)."""
+    return max(ROUND_BYTES, -(-n // ROUND_BYTES) * ROUND_BYTES)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Timeline:
+    """What a tracker recorded, as arrays.
+
+    ``sizes[u]`` and ``tags[u]`` belong to allocation ``u``; ``events`` lists allocations as ``u`` and releases as
+    ``-u - 1`` in the order they happened; ``marks`` are ``(event index, label)`` pairs the caller placed.
+    """
+
+    sizes: np.ndarray
+    tags: np.ndarray
+    events: np.ndarray
+    marks: tuple[tuple[int, str], ...]
+    baseline: int  # bytes live before the first event
+    adopted: int  # allocations 0 .. adopted-1 existed before recording (weights, buffers)
+    ops: tuple[str, ...]  # the op that made each allocation ("" for adopted tensors)
+
+    def live_curve(self) -> np.ndarray:
+        """Live bytes after each event (int64)."""
+        signed = np.where(self.events >= 0, self.sizes[np.maximum(self.events, 0)], -self.sizes[-self.events - 1])
+        return self.baseline + np.cumsum(signed)
+
+    def peak(self) -> int:
+        curve = self.live_curve()
+        return int(max(self.baseline, curve.max())) if len(curve) else self.baseline
+
+
+class Tracker(TorchDispatchMode):
+    """Records allocations and releases of tensor storages under its mode.
+
+    ``budget`` (bytes), when set, makes an allocation that would take live memory past it raise
+    ``torch.OutOfMemoryError`` the way a full GPU does; the tensor the op made is dropped, so nothing leaks.
+    ``tag`` is stamped on each new allocation (the caller sets it to say which phase of a step is running).
+    """
+
+    def __init__(self, *, budget: int | None = None) -> None:
+        super().__init__()
+        self.budget = budget
+        self.tag = 0
+        self.live = 0
+        self.peak = 0
+        self._sizes: list[int] = []
+        self._tags: list[int] = []
+        self._ops: list[str] = []
+        self._events: list[int] = []
+        self._marks: list[tuple[int, str]] = []
+        self._uid_of: dict[int, int] = {}  # StorageImpl address -> uid, while alive
+        self._refs: dict[int, weakref.ref] = {}
+        self._baseline = 0
+        self._adopted = 0
+
+    # -- registration -------------------------------------------------------------------------------------------
+    def adopt(self, tensors) -> None:
+        """Counts tensors that exist before tracking starts (weights, buffers, inputs) as already live."""
+        for t in tensors:
+            if isinstance(t, torch.Tensor) and self.uid(t) is None:
+                self._register(t, event=False)
+
+    def uid(self, t: torch.Tensor) -> int | None:
+        """The allocation id of ``t``'s storage, or None if the tracker has not seen it."""
+        return self._uid_of.get(t.untyped_storage()._cdata)
+
+    def mark(self, label: str) -> None:
+        """Places ``label`` at the current point of the event stream."""
+        self._marks.append((len(self._events), label))
+
+    def reset_peak(self) -> None:
+        self.peak = self.live
+
+    def _register(self, t: torch.Tensor, *, event: bool = True, op: str = "") -> None:
+        storage = t.untyped_storage()
+        key = storage._cdata
+        if key in self._uid_of:
+            return
+        nbytes = round_bytes(storage.nbytes())
+        if event and self.budget is not None and self.live + nbytes > self.budget:
+            raise torch.OutOfMemoryError(
+                f"budgeted device out of memory: tried to allocate {nbytes} bytes with {self.live} of "
+                f"{self.budget} bytes in use"
+            )
+        uid = len(self._sizes)
+        self._sizes.append(nbytes)
+        self._tags.append(self.tag)
+        self._ops.append(op)
+        self._uid_of[key] = uid
+        self.live += nbytes
+        if event:
+            self._events.append(uid)
+            self.peak = max(self.peak, self.live)
+        else:
+            self._baseline += nbytes
+            self._adopted += 1
+            self.peak = max(self.peak, self.live)
+
+        def release(_, key=key, uid=uid, nbytes=nbytes):
+            self.live -= nbytes
+            self._events.append(-uid - 1)
+            self._uid_of.pop(key, None)
+            self._refs.pop(key, None)
+
+        self._refs[key] = weakref.ref(storage, release)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        flat, _ = tree_flatten(out)
+        registered = []
+        try:
+            for t in flat:
+                if isinstance(t, torch.Tensor):
+                    self._register(t, op=func.__name__)
+                    registered.append(t)
+        except torch.OutOfMemoryError:
+            del out, flat, registered, t
+            raise
+        return out
+
+    # -- results --------------------------------------------------------------------------------------------------
+    def timeline(self) -> Timeline:
+        """A snapshot of what was recorded so far (pre-tracking tensors count in ``baseline``, not as events)."""
+        return Timeline(
+            sizes=np.array(self._sizes, dtype=np.int64),
+            ops=tuple(self._ops),
+            tags=np.array(self._tags, dtype=np.int16),
+            events=np.array(self._events, dtype=np.int64),
+            marks=tuple(self._marks),
+            baseline=self._baseline,
+            adopted=self._adopted,
+        )
