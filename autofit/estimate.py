@@ -1,0 +1,645 @@
+"""The memory of a training step, estimated without a GPU: a named breakdown and three totals.
+
+``estimate()`` simulates the step (``autofit.simulate``) at two small depths and extrapolates to the model's full
+depth, and replays the simulated allocations through a model of the CUDA caching allocator (``autofit.allocator``)
+for the reserved total. ``StepModel`` fits the same simulations over batch size and sequence length so that a
+planner can ask thousands of questions in microseconds.
+
+How depth is extrapolated. Decoder layers are identical, so the event stream of a step is: a prologue, one block of
+events per layer in forward, the head (logits and loss), one block per layer in backward, and a tail (the first
+layer's backward and the optimizer step). Live memory can only peak where an allocation is followed by a release,
+so each block is reduced to those candidate points, in order. At a given candidate of a given block, live memory is
+linear in the depth and in the block's index (each layer adds the same saved activations and the same weights), so
+it peaks at the first or the last block: evaluating those two at the full depth, with coefficients fitted from
+simulations of 2p+1 and 3p+1 layers (p: the period of the layer types, 1 but for models that alternate attention
+kinds), gives the full-depth peak of every candidate. The first layer forms its own block kind, since its input needs
+no gradient when the embeddings are frozen. Over batch size ``b`` and sequence length ``s`` every allocation is a
+polynomial in ``(1, s, s^2, b*s, b*s^2)``, which five simulated points fit exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from autofit import allocator, simulate
+from autofit import gpu as gpus
+from autofit import model as models
+from autofit.errors import ConfigError, SimulationError
+from autofit.simulate import (BACKWARD, CATEGORY_NAMES, FORWARD, HEAD, HOST, OPTIMIZE, Simulation, StepConfig)
+from autofit.units import MiB, fmt_bytes
+
+log = logging.getLogger(__name__)
+
+# -- constants from outside the simulation ---------------------------------------------------------------------------
+# The CUDA context lives outside PyTorch's allocator (nvidia-smi sees it, torch.cuda.memory_reserved does not). With
+# lazy module loading (PyTorch's default since 1.13, pytorch/pytorch#86509) the context measured 287,047,680 bytes
+# after one tensor op (that PR), about 400 MB (ptrblck, pytorch/pytorch#109888) and 426 MiB on an RTX 6000 Ada with
+# PyTorch 2.10 + CUDA 13.0 (unsloth-zoo#1053). A training step loads more kernel modules (cuBLAS, attention,
+# optimizer), so autofit assumes 512 MiB until measurements on each GPU family replace it (benchmarks/gpu_accuracy.py).
+CUDA_CONTEXT_BYTES = 512 * MiB
+CONTEXT_SOURCE = "assumed 512 MiB (measured 274-426 MiB for a bare context, see autofit/estimate.py)"
+
+# cuBLAS keeps one workspace per (handle, stream), allocated through the caching allocator on first use; PyTorch
+# 2.13's default is ":4096:2:16:8" (8,519,680 bytes), 32 MiB on compute capability 9.x, 10.x and 12.x
+# (aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize). Handles are per thread, and a training step
+# runs matmuls on two: the Python thread (forward) and the autograd engine's device thread (backward).
+WORKSPACE_THREADS = 2
+
+
+def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
+    return 32 * MiB if compute_capability[0] in (9, 10, 12) else 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+# Categories summed into the device totals (HOST lives in host memory on a real run).
+_DEVICE_CATEGORIES = [c for c in range(len(CATEGORY_NAMES)) if c != HOST]
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MemoryEstimate:
+    """Peak memory of training step 2 (optimizer state already exists), in bytes.
+
+    The components at the peak sum to the live bytes of PyTorch tensors plus cuBLAS workspaces; ``allocator_margin``
+    is what the caching allocator reserves beyond them (fragmentation, block rounding), and ``cuda_context`` lies
+    outside the allocator. Totals: ``peak_allocated`` compares with ``torch.cuda.max_memory_allocated``,
+    ``peak_reserved`` with ``torch.cuda.max_memory_reserved`` (what an out-of-memory error is about), and
+    ``device_total`` with the process's memory in ``nvidia-smi``.
+    """
+
+    weights: int
+    gradients: int
+    optimizer_state: int
+    activations: int
+    logits_and_loss: int
+    temporaries: int
+    workspaces: int
+    allocator_margin: int
+    cuda_context: int
+    peak_allocated: int
+    peak_reserved: int
+    device_total: int
+    where: str  # when in the step the peak happens
+    source: str  # "simulation", "surrogate" or "analytic"
+    attention_kernel: str
+    simulated_layers: tuple[int, ...]  # depths actually simulated
+    config: StepConfig
+    batch_size: int
+    seq_len: int
+    model_name: str
+    num_layers: int
+    gpu_name: str | None = None
+    notes: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for name in ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "temporaries",
+                     "workspaces", "cuda_context", "peak_allocated", "peak_reserved", "device_total"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must not be negative; got {getattr(self, name)}")
+        if self.peak_reserved < self.peak_allocated:
+            raise ValueError("peak_reserved must be at least peak_allocated")
+
+    def components(self) -> dict[str, int]:
+        """The named parts of ``device_total``, in print order."""
+        return {
+            "weights": self.weights,
+            "gradients": self.gradients,
+            "optimizer state": self.optimizer_state,
+            "activations": self.activations,
+            "logits and loss": self.logits_and_loss,
+            "temporaries": self.temporaries,
+            "cuBLAS workspaces": self.workspaces,
+            "allocator margin": self.allocator_margin,
+            "CUDA context": self.cuda_context,
+        }
+
+    def to_dict(self) -> dict:
+        out = {name: getattr(self, name) for name in self.__slots__ if name != "config"}
+        out["config"] = {k: getattr(self.config, k) for k in self.config.__slots__}
+        out["simulated_layers"] = list(self.simulated_layers)
+        out["notes"] = list(self.notes)
+        return out
+
+    def summary(self) -> str:
+        """A human table of the breakdown and totals."""
+        cfg = self.config
+        lines = [
+            f"{self.model_name}: batch {self.batch_size} x {self.seq_len} tokens, {cfg.method}"
+            f"{'' if cfg.quantization == 'none' else ' ' + cfg.quantization}, {cfg.precision}, "
+            f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer}"
+            + (f" on {self.gpu_name}" if self.gpu_name else ""),
+            f"  peak: {self.where} ({self.source}; attention kernel: {self.attention_kernel})",
+        ]
+        width = max(len(k) for k in self.components())
+        for name, value in self.components().items():
+            lines.append(f"  {name:<{width}}  {fmt_bytes(value):>12}")
+        lines.append(f"  {'peak allocated':<{width}}  {fmt_bytes(self.peak_allocated):>12}   torch.cuda.max_memory_allocated")
+        lines.append(f"  {'peak reserved':<{width}}  {fmt_bytes(self.peak_reserved):>12}   torch.cuda.max_memory_reserved")
+        lines.append(f"  {'device total':<{width}}  {fmt_bytes(self.device_total):>12}   nvidia-smi")
+        lines.extend(f"  note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+# -- candidate points of a simulation ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class _Point:
+    slot: tuple  # (step, kind, layer type, ordinal within the block)
+    index: int  # block index for indexed kinds (F/G: layer; K: backward order), else 0
+    live: np.ndarray  # bytes per category right after the candidate allocation
+    phase: int
+
+
+_INDEXED = ("F", "G", "K")
+
+
+def _layer_types(spec: models.ModelSpec, num_layers: int) -> list[str]:
+    types = getattr(spec.config, "layer_types", None)
+    if not types or len(set(types)) == 1:
+        return ["layer"] * num_layers
+    period = _type_period(types)
+    return [types[i % period] for i in range(num_layers)]
+
+
+def _type_period(types) -> int:
+    for p in range(1, len(types) + 1):
+        if all(types[i] == types[i % p] for i in range(len(types))):
+            return p
+    return len(types)
+
+
+def _points(sim: Simulation, types: list[str]) -> list[_Point]:
+    """Candidate peaks of ``sim``, each placed in its block."""
+    tl = sim.timeline
+    events = tl.events
+    if len(events) == 0:
+        return []
+    uids = np.where(events >= 0, events, -events - 1)
+    signs = np.where(events >= 0, 1, -1)
+    delta = np.zeros((len(events), len(CATEGORY_NAMES)), dtype=np.int64)
+    delta[np.arange(len(events)), sim.categories[uids]] = signs * tl.sizes[uids]
+    base = np.zeros(len(CATEGORY_NAMES), dtype=np.int64)
+    np.add.at(base, sim.categories[: tl.adopted], tl.sizes[: tl.adopted])
+    live = base + np.cumsum(delta, axis=0)
+    candidate = (events >= 0) & np.append(events[1:] < 0, True)
+    out = []
+    for (step, kind, i), (start, end) in _blocks(sim).items():
+        idx = np.nonzero(candidate[start:end])[0] + start
+        if kind in ("F", "G"):
+            type_, index = types[i], i
+        elif kind == "K":
+            type_, index = types[sim.num_layers - 1 - i], i
+        else:
+            type_, index = "", 0
+        if kind in ("F", "G") and i == 0:
+            kind = kind + "0"
+        for ordinal, j in enumerate(idx):
+            out.append(_Point((step, kind, type_, ordinal), index, live[j], int(sim.phases[uids[j]])))
+    return out
+
+
+def _blocks(sim: Simulation) -> dict[tuple[int, str, int], tuple[int, int]]:
+    """Event ranges per step: P (prologue), F i (layer i forward), G i (after layer i), M (head), K u (backward of
+    layer L-1-u), T (first layer's backward and the optimizer)."""
+    by_step: dict[int, dict[str, int]] = {}
+    for index, label in sim.timeline.marks:
+        step, _, what = label.partition(":")
+        by_step.setdefault(int(step), {})[what] = index
+    depth = sim.num_layers
+    out = {}
+    for step, m in by_step.items():
+        needed = ["inputs", "end", "F0", f"E{depth - 1}", f"B{depth - 1}", "B0"]
+        if any(k not in m for k in needed):
+            raise SimulationError("the step's layer marks are incomplete; cannot extrapolate depth")
+        out[(step, "P", 0)] = (m["inputs"], m["F0"])
+        for i in range(depth):
+            out[(step, "F", i)] = (m[f"F{i}"], m[f"E{i}"])
+            if i < depth - 1:
+                out[(step, "G", i)] = (m[f"E{i}"], m[f"F{i + 1}"])
+        out[(step, "M", 0)] = (m[f"E{depth - 1}"], m[f"B{depth - 1}"])
+        for i in range(depth - 1, 0, -1):
+            out[(step, "K", depth - 1 - i)] = (m[f"B{i}"], m[f"B{i - 1}"])
+        out[(step, "T", 0)] = (m["B0"], m["end"])
+    return out
+
+
+# -- fitting candidates over depth and shape ---------------------------------------------------------------------------
+def _phi(batch_size, seq_len, n_features: int) -> np.ndarray:
+    """Shape features, scaled to keep the fit well conditioned: (1, s, s^2, b*s, b*s^2) in units of 1024 tokens."""
+    b = np.asarray(batch_size, dtype=np.float64)
+    s = np.asarray(seq_len, dtype=np.float64) / 1024.0
+    full = np.stack(np.broadcast_arrays(np.ones_like(b * s), s, s * s, b * s, b * s * s), axis=-1)
+    return full[..., :n_features]
+
+
+@dataclass(frozen=True, slots=True)
+class _Envelope:
+    """Candidate peaks of the full-depth step as linear functions of the shape features."""
+
+    weights: np.ndarray  # (points, features, categories)
+    totals: np.ndarray  # (points, features): weights summed over device categories
+    labels: tuple[str, ...]
+    n_features: int
+
+    def at(self, batch_size: int, seq_len: int) -> tuple[int, np.ndarray, str]:
+        phi = _phi(batch_size, seq_len, self.n_features)
+        totals = self.totals @ phi
+        best = int(np.argmax(totals))
+        by_category = np.rint(phi @ self.weights[best]).astype(np.int64)
+        return int(round(totals[best])), by_category, self.labels[best]
+
+
+def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers: int) -> _Envelope:
+    """Fits candidate peaks over (depth, block index, shape) and evaluates depth at ``target_layers``."""
+    depths = sorted({s.num_layers for s in sims})
+    shapes = sorted({(s.batch_size, s.seq_len) for s in sims})
+    n_features = {1: 1, 5: 5}.get(len(shapes))
+    if n_features is None:
+        raise ValueError(f"need 1 or 5 simulated shapes; got {len(shapes)}")
+    single_depth = len(depths) == 1
+    if single_depth and depths[0] != target_layers:
+        raise ValueError("a single simulated depth must be the target depth")
+    observed: dict[tuple, list[tuple[np.ndarray, np.ndarray]]] = {}
+    phases: dict[tuple, int] = {}
+    block_sizes: dict[tuple, set[int]] = {}
+    for n, sim in enumerate(sims):
+        phi = _phi(sim.batch_size, sim.seq_len, n_features)
+        counts: dict[tuple, int] = {}
+        for point in _points(sim, _layer_types(spec, sim.num_layers)):
+            slot, kind = point.slot, point.slot[1]
+            counts[(slot[:3], point.index)] = counts.get((slot[:3], point.index), 0) + 1
+            if single_depth:
+                if kind in _INDEXED:
+                    slot = slot + (point.index,)  # every block observed: no index model needed
+                row = phi
+            elif kind in _INDEXED:
+                row = np.kron(phi, [1.0, sim.num_layers, point.index])
+            else:
+                row = np.kron(phi, [1.0, sim.num_layers])
+            observed.setdefault(slot, []).append((row, point.live))
+            phases[slot] = point.phase
+        for (block, _), count in counts.items():
+            block_sizes.setdefault(block, set()).add(count)
+    uneven = [block for block, sizes in block_sizes.items() if len(sizes) > 1]
+    if uneven:
+        raise SimulationError(f"blocks of the step differ between layers or simulations ({uneven[0]}); "
+                              "cannot extrapolate depth")
+    target_types = _layer_types(spec, target_layers)
+    weights, labels = [], []
+    for slot, rows in observed.items():
+        X = np.array([r for r, _ in rows])
+        Y = np.array([v for _, v in rows], dtype=np.float64)
+        kind = slot[1]
+        if len(rows) < X.shape[1] or (kind not in _INDEXED and len(rows) != len(sims)):
+            raise SimulationError(f"simulations disagree on the step's structure at {slot}; cannot extrapolate")
+        coef, *_ = np.linalg.lstsq(X, Y, rcond=None)
+        if single_depth:
+            index = slot[4] if kind in _INDEXED else None
+            evaluations = [(index, coef)]
+        elif kind not in _INDEXED:
+            c = coef.reshape(n_features, 2, -1)
+            evaluations = [(None, c[:, 0] + target_layers * c[:, 1])]
+        else:
+            c = coef.reshape(n_features, 3, -1)
+            evaluations = [(i, c[:, 0] + target_layers * c[:, 1] + i * c[:, 2])
+                           for i in _extremes(kind, slot[2], target_types)]
+        for index, w in evaluations:
+            weights.append(w)
+            labels.append(_describe(slot, index, phases[slot], target_layers))
+    weights_arr = np.array(weights)  # (points, features, categories)
+    totals = weights_arr[:, :, _DEVICE_CATEGORIES].sum(axis=2)
+    return _Envelope(weights_arr, totals, tuple(labels), n_features)
+
+
+def _extremes(kind: str, type_: str, types: list[str]) -> list[int]:
+    depth = len(types)
+    if kind == "F":
+        idx = [i for i in range(1, depth) if types[i] == type_]
+    elif kind == "G":
+        idx = [i for i in range(1, depth - 1) if types[i] == type_]
+    else:  # K: u = depth - 1 - layer, layers depth-1 .. 1
+        idx = [u for u in range(0, depth - 1) if types[depth - 1 - u] == type_]
+    return sorted({idx[0], idx[-1]}) if idx else []
+
+
+def _describe(slot, index, phase, depth) -> str:
+    step, kind, _, _ = slot
+    where = {
+        "P": "start of the forward pass",
+        "F0": "forward of layer 0",
+        "F": f"forward of layer {index}" if index is not None else "forward",
+        "G0": "forward, after layer 0",
+        "G": f"forward, after layer {index}" if index is not None else "forward",
+        "M": "logits and loss" if phase in (FORWARD, HEAD) else "backward of the logits and loss",
+        "K": f"backward of layer {depth - 1 - index}" if index is not None else "backward",
+        "T": "optimizer step" if phase == OPTIMIZE else "backward of layer 0 and the embeddings",
+    }.get(kind, kind)
+    return f"step {step}, {where}"
+
+
+# -- shapes to simulate ---------------------------------------------------------------------------------------------
+def _regime(spec: models.ModelSpec, seq_len: int) -> str:
+    """Transformers builds an explicit sliding-window mask once a sequence reaches the window: another code path."""
+    window = spec.sliding_window
+    return "windowed" if window and seq_len >= window else "plain"
+
+
+def _fit_shapes(spec: models.ModelSpec, regime: str) -> list[tuple[int, int]]:
+    top = spec.max_positions or 4096
+    if regime == "windowed":
+        start = -(-spec.sliding_window // 64) * 64
+        seqs = [start, start + 128, start + 256]
+    else:
+        seqs = [128, 256, 384]
+    if seqs[-1] > top:
+        seqs = sorted({max(8, top // 3 // 8 * 8), max(16, 2 * top // 3 // 8 * 8), top // 8 * 8})
+    (s1, s2, s3) = seqs
+    return [(1, s1), (2, s1), (1, s2), (2, s2), (1, s3)]
+
+
+def simulated_depths(spec: models.ModelSpec) -> tuple[int, ...]:
+    """The depths simulated for ``spec``: (2p+1, 3p+1) for a layer-type period p, or the full depth if smaller."""
+    types = getattr(spec.config, "layer_types", None)
+    period = _type_period(types) if types and len(set(types)) > 1 else 1
+    depths = (2 * period + 1, 3 * period + 1)
+    return (spec.num_layers,) if spec.num_layers <= depths[1] else depths
+
+
+# -- the fast model over shapes ---------------------------------------------------------------------------------------
+class StepModel:
+    """Peak allocated memory of one model and step configuration as a function of (batch size, sequence length).
+
+    Built from ten simulations (five shapes at two depths); a query takes microseconds. ``query`` returns the
+    allocated peak (live tensors plus workspaces) with its breakdown; ``reserved`` adds the allocator margin fitted
+    from replays of the same simulations.
+    """
+
+    def __init__(self, spec: models.ModelSpec, cfg: StepConfig, *, regime: str = "plain",
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.spec, self.cfg, self.regime = spec, cfg, regime
+        started = time.perf_counter()
+        sims = []
+        shapes = _fit_shapes(spec, regime)
+        depths = simulated_depths(spec)
+        for depth in depths:
+            for b, s in shapes:
+                if progress:
+                    progress(f"simulating {spec.name}: {len(sims) + 1}/{len(shapes) * len(depths)}")
+                sims.append(simulate.run(spec, cfg, batch_size=b, seq_len=s, num_layers=depth))
+        self.depths = depths
+        self.envelope = _fit_envelope(sims, spec, spec.num_layers)
+        self.workspaces = _workspaces(cfg)
+        self._margins = _fit_margins(sims, spec, self.workspaces, cfg)
+        self.kernel = _kernel_name(sims[-1])
+        self.build_seconds = time.perf_counter() - started
+
+    def query(self, batch_size: int, seq_len: int) -> tuple[int, np.ndarray, str]:
+        """(allocated peak bytes, bytes per category, where) at this shape."""
+        total, by_category, where = self.envelope.at(batch_size, seq_len)
+        return total + self.workspaces, by_category, where
+
+    def reserved(self, batch_size: int, seq_len: int) -> int:
+        """Estimated peak reserved bytes at this shape."""
+        allocated, _, _ = self.query(batch_size, seq_len)
+        return allocated + max(0, int(round(float(self._margins @ _phi(batch_size, seq_len, 5)))))
+
+
+def _workspaces(cfg: StepConfig) -> int:
+    return WORKSPACE_THREADS * cublas_workspace_bytes(cfg.compute_capability) if cfg.device == "cuda" else 0
+
+
+def _replay(sim: Simulation, workspaces: int, cfg: StepConfig, expandable: bool = False) -> allocator.AllocatorStats:
+    tl = sim.timeline
+    extra = (workspaces // WORKSPACE_THREADS,) * WORKSPACE_THREADS if workspaces else ()
+    device = sim.categories != HOST
+    events = tl.events[device[np.where(tl.events >= 0, tl.events, -tl.events - 1)]]
+    return allocator.replay(tl.sizes, events, baseline_uids=range(tl.adopted), extra=extra, expandable=expandable)
+
+
+def _device_peak(sim: Simulation) -> int:
+    """Peak live bytes of ``sim`` on the device (host-side allocations left out)."""
+    tl = sim.timeline
+    uids = np.where(tl.events >= 0, tl.events, -tl.events - 1)
+    on_device = sim.categories[uids] != HOST
+    signed = np.where(tl.events >= 0, tl.sizes[uids], -tl.sizes[uids]) * on_device
+    base = int(tl.sizes[: tl.adopted][sim.categories[: tl.adopted] != HOST].sum())
+    return int(max(base, (base + np.cumsum(signed)).max()))
+
+
+def _fit_margins(sims, spec, workspaces, cfg) -> np.ndarray:
+    """Reserved minus allocated, fitted like the candidates (shape features times (1, depth)), at full depth."""
+    rows, values = [], []
+    for sim in sims:
+        stats = _replay(sim, workspaces, cfg)
+        rows.append(np.kron(_phi(sim.batch_size, sim.seq_len, 5), [1.0, sim.num_layers]))
+        values.append(stats.peak_reserved - (_device_peak(sim) + workspaces))
+    depths = {s.num_layers for s in sims}
+    X = np.array(rows)
+    if len(depths) == 1:
+        X = X[:, ::2]
+    coef, *_ = np.linalg.lstsq(X, np.array(values, dtype=np.float64), rcond=None)
+    if len(depths) == 1:
+        return coef
+    c = coef.reshape(5, 2)
+    return c[:, 0] + spec.num_layers * c[:, 1]
+
+
+def _kernel_name(sim: Simulation) -> str:
+    kernels = sorted(set(sim.attention_kernels))
+    if kernels:
+        return "/".join(kernels)
+    impl = getattr(sim, "attn_implementation", None)
+    return impl or "eager (matmul and softmax)"
+
+
+@functools.lru_cache(maxsize=64)
+def step_model(spec: models.ModelSpec, cfg: StepConfig, regime: str = "plain") -> StepModel:
+    """The (cached) ``StepModel`` of a model and configuration."""
+    return StepModel(spec, cfg, regime=regime)
+
+
+# -- the public estimate ----------------------------------------------------------------------------------------------
+def step_config(
+    gpu: gpus.GpuInfo | None,
+    *,
+    method: str = "full",
+    precision: str | None = None,
+    quantization: str | None = None,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw_torch_fused",
+    lora_r: int = 16,
+    lora_alpha: int | None = None,
+    lora_dropout: float = 0.05,
+    lora_targets: tuple[str, ...] | None = None,
+    max_grad_norm: float | None = 1.0,
+) -> StepConfig:
+    """The ``StepConfig`` for these knobs on ``gpu`` (None: a host-memory run on the CPU).
+
+    ``precision`` None picks bf16 where the card supports it, else fp16 (fp32 on the CPU); ``quantization`` None
+    means 4bit for qlora and none otherwise; ``lora`` with a quantization is qlora.
+    """
+    if method not in simulate.METHODS:
+        raise ConfigError(f"method must be one of {', '.join(simulate.METHODS)}; got {method!r}")
+    if quantization is None:
+        quantization = "4bit" if method == "qlora" else "none"
+    if method == "lora" and quantization != "none":
+        method = "qlora"
+    cc = gpu.compute_capability if gpu is not None and gpu.compute_capability else (8, 6)
+    if precision is None:
+        if gpu is None:
+            precision = "fp32"
+        else:
+            precision = "bf16" if gpu.bf16 else "fp16"
+    return StepConfig(
+        method=method, quantization=quantization, precision=precision,
+        gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha,
+        lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None,
+        max_grad_norm=max_grad_norm, compute_capability=cc, device="cuda" if gpu is not None else "cpu",
+    )
+
+
+def estimate(
+    model,
+    gpu=None,
+    *,
+    batch_size: int,
+    seq_len: int,
+    method: str = "full",
+    precision: str | None = None,
+    quantization: str | None = None,
+    gradient_checkpointing: bool = False,
+    optimizer: str = "adamw_torch_fused",
+    lora_r: int = 16,
+    lora_alpha: int | None = None,
+    lora_dropout: float = 0.05,
+    lora_targets: tuple[str, ...] | None = None,
+    max_grad_norm: float | None = 1.0,
+    expandable_segments: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> MemoryEstimate:
+    """Peak memory of a training step of ``model`` on ``gpu`` with these knobs, without allocating anything.
+
+    ``model`` is anything ``autofit.model.resolve`` takes; ``gpu`` anything ``autofit.gpu.resolve`` takes, or
+    ``"cpu"`` for a run in host memory. The step is simulated at two small depths at exactly this shape and
+    extrapolated to the full depth; if the architecture cannot be simulated, an analytic estimate built from the
+    same components is returned and says so. Raises ``ConfigError``, ``ModelError`` or ``GpuError`` for bad input.
+    """
+    spec = models.resolve(model)
+    card = None if (isinstance(gpu, str) and gpu.lower() == "cpu") else gpus.resolve(gpu)
+    cfg = step_config(card, method=method, precision=precision, quantization=quantization,
+                      gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, lora_r=lora_r,
+                      lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
+                      max_grad_norm=max_grad_norm)
+    if batch_size <= 0:
+        raise ConfigError(f"batch size must be positive; got {batch_size}")
+    spec.check_seq_len(seq_len)
+    try:
+        result = simulate_point(spec, cfg, batch_size=batch_size, seq_len=seq_len,
+                                expandable_segments=expandable_segments, progress=progress)
+    except SimulationError as err:
+        log.warning("%s; falling back to the analytic estimate", err)
+        result = analytic(spec, cfg, batch_size=batch_size, seq_len=seq_len, reason=str(err))
+    return replace(result, gpu_name=card.name if card else "CPU (host memory)")
+
+
+def simulate_point(spec: models.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_len: int,
+                   expandable_segments: bool = False, progress: Callable[[str], None] | None = None) -> MemoryEstimate:
+    """The estimate at one shape from simulations at that exact shape (two depths, extrapolated)."""
+    depths = simulated_depths(spec)
+    sims = []
+    for depth in depths:
+        if progress:
+            progress(f"simulating {spec.name} with {depth} of {spec.num_layers} layers")
+        sims.append(simulate.run(spec, cfg, batch_size=batch_size, seq_len=seq_len, num_layers=depth))
+    envelope = _fit_envelope(sims, spec, spec.num_layers)
+    live, by_category, where = envelope.at(batch_size, seq_len)
+    workspaces = _workspaces(cfg)
+    margins = []
+    for sim in sims:
+        stats = _replay(sim, workspaces, cfg, expandable=expandable_segments)
+        margins.append(stats.peak_reserved - (_device_peak(sim) + workspaces))
+    if len(sims) == 2:
+        (d0, d1), (m0, m1) = depths, margins
+        margin = m0 + (m1 - m0) * (spec.num_layers - d0) / (d1 - d0)
+    else:
+        margin = margins[0]
+    margin = max(0, int(round(margin)))
+    allocated_extra = max(0, min(margins))  # block rounding shows in max_memory_allocated too; bounded by the margin
+    return _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces, margin,
+                     source="simulation", kernel=_kernel_name(sims[-1]), depths=depths,
+                     allocated_rounding=_rounding(sims, workspaces, cfg, spec, allocated_extra))
+
+
+def _rounding(sims, workspaces, cfg, spec, cap) -> int:
+    """Bytes by which the allocator's block-based ``allocated`` statistic exceeds live tensors (unsplit blocks)."""
+    values = [_replay(s, workspaces, cfg).peak_allocated - (_device_peak(s) + workspaces) for s in sims]
+    if len(values) == 2:
+        d0, d1 = sims[0].num_layers, sims[1].num_layers
+        value = values[0] + (values[1] - values[0]) * (spec.num_layers - d0) / (d1 - d0)
+    else:
+        value = values[0]
+    return int(max(0, min(value, cap if cap > 0 else value)))
+
+
+def _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces, margin, *, source, kernel,
+              depths, allocated_rounding=0, notes=()) -> MemoryEstimate:
+    parts = {name: int(by_category[i]) for i, name in enumerate(CATEGORY_NAMES) if i != HOST}
+    tensors = sum(parts.values())
+    allocated = tensors + workspaces + allocated_rounding
+    reserved = max(allocated, tensors + workspaces + margin)
+    context = CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0
+    notes = tuple(notes)
+    if cfg.device == "cuda":
+        notes += (f"CUDA context {CONTEXT_SOURCE}",)
+    return MemoryEstimate(
+        weights=parts["weights"], gradients=parts["gradients"], optimizer_state=parts["optimizer_state"],
+        activations=parts["activations"], logits_and_loss=parts["logits_and_loss"],
+        temporaries=parts["temporaries"], workspaces=workspaces, allocator_margin=reserved - tensors - workspaces,
+        cuda_context=context, peak_allocated=allocated, peak_reserved=reserved, device_total=reserved + context,
+        where=where, source=source, attention_kernel=kernel, simulated_layers=tuple(depths), config=cfg,
+        batch_size=batch_size, seq_len=seq_len, model_name=spec.name, num_layers=spec.num_layers, notes=notes,
+    )
+
+
+def from_step_model(sm: StepModel, batch_size: int, seq_len: int) -> MemoryEstimate:
+    """A ``MemoryEstimate`` from the fast model (for planners; ``estimate`` simulates the exact shape)."""
+    allocated, by_category, where = sm.query(batch_size, seq_len)
+    margin = sm.reserved(batch_size, seq_len) - allocated
+    return _assemble(sm.spec, sm.cfg, batch_size, seq_len, allocated - sm.workspaces, by_category, where,
+                     sm.workspaces, margin, source="surrogate", kernel=sm.kernel, depths=sm.depths)
+
+
+# -- the analytic fallback -------------------------------------------------------------------------------------------
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "uint8": 1}
+_NF4_BYTES = 0.5 + 1 / 64 + 1 / (64 * 256)  # packed weights, uint8 absmax per 64, fp32 absmax per 256 blocks
+
+
+def analytic(spec: models.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_len: int, reason: str = "") -> MemoryEstimate:
+    """The estimate from formulas over the same components, for architectures a simulation cannot step.
+
+    Activations per layer and token follow Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large
+    Transformer Models", eq. 1: 34h + 5as bytes in 16-bit without recomputation); with checkpointing, each layer
+    keeps its 16-bit input and one layer is recomputed at a time.
+    """
+    counts = models.count_params(spec, method=cfg.method, quantization=cfg.quantization, half=cfg.half,
+                                 lora_r=cfg.lora_r, lora_targets=cfg.lora_targets)
+    weights = sum(int(n * (_NF4_BYTES if k == "nf4" else _BYTES.get(k, 4))) for k, n in counts.by_dtype.items())
+    trainable = counts.trainable
+    gradients = 4 * trainable
+    optimizer_bytes = (2 + 8 / 256) * trainable if cfg.optimizer == "adamw_8bit" else 8 * trainable
+    h, a, L, V = spec.hidden_size, spec.num_heads, spec.num_layers, spec.vocab_size
+    tokens = batch_size * seq_len
+    per_layer = tokens * (34 * h + 5 * a * seq_len)
+    activations = (2 * h * tokens * L + per_layer) if cfg.gradient_checkpointing else per_layer * L
+    logits = tokens * V * (10 if cfg.precision != "fp32" else 8)
+    by_category = np.zeros(len(CATEGORY_NAMES), dtype=np.int64)
+    by_category[:6] = [weights, gradients, int(optimizer_bytes), activations, logits, 0]
+    workspaces = _workspaces(cfg)
+    live = int(by_category.sum())
+    margin = int(0.05 * live)  # no replay to measure fragmentation: a flat 5% of live memory
+    return _assemble(spec, cfg, batch_size, seq_len, live, by_category, "end of the forward pass (analytic)",
+                     workspaces, margin, source="analytic", kernel="unknown", depths=(),
+                     notes=(f"simulation failed ({reason}); analytic estimate, margin assumed 5%",))
