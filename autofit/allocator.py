@@ -7,8 +7,10 @@ guess a margin, autofit replays the simulated allocations and releases through a
 for requests up to 1 MiB carved from 2 MiB segments, a large pool for the rest carved from 20 MiB segments (requests
 under 10 MiB) or from segments rounded up to 2 MiB; best-fit reuse of cached blocks (smallest block that fits, then
 lowest address); splitting when what remains is at least 512 bytes (small pool) or more than 1 MiB (large pool);
-coalescing of free neighbours; nothing returned to the driver. With ``expandable_segments`` (the
-``PYTORCH_CUDA_ALLOC_CONF`` option) each pool is one segment that maps pages at its end as needed.
+coalescing of free neighbours; nothing returned to the driver until a request would take reserved memory past the
+device's limit, when every wholly free segment is released and the request retried (``release_cached_blocks``), and
+only then an out-of-memory error. With ``expandable_segments`` (the ``PYTORCH_CUDA_ALLOC_CONF`` option) each pool is
+one segment that maps pages at its end as needed and unmaps free pages at its end under pressure.
 
 Statistics follow the allocator's: ``allocated`` counts whole blocks (a block not split keeps its remainder), and
 ``reserved`` counts segments.
@@ -42,6 +44,10 @@ def segment_size(size: int) -> int:
     return -(-size // ROUND_LARGE) * ROUND_LARGE
 
 
+class AllocatorOutOfMemory(Exception):
+    """A request the modelled allocator cannot satisfy within its limit."""
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class AllocatorStats:
     """Peaks of a replay, in bytes, as ``torch.cuda.max_memory_allocated`` / ``max_memory_reserved`` report them."""
@@ -62,8 +68,10 @@ class _Block:
 class CachingAllocator:
     """The caching allocator's block bookkeeping, without memory behind it."""
 
-    def __init__(self, *, expandable: bool = False) -> None:
+    def __init__(self, *, expandable: bool = False, limit: int | None = None) -> None:
         self.expandable = expandable
+        self.limit = limit
+        self.retries = 0
         self._pools: dict[bool, list[tuple[int, int, _Block]]] = {True: [], False: []}  # (size, addr, block)
         self._tails: dict[bool, _Block | None] = {True: None, False: None}  # expandable: last block of the segment
         self._ends: dict[bool, int] = {True: 0, False: 0}  # expandable: bytes mapped per pool
@@ -123,6 +131,11 @@ class CachingAllocator:
     def _grow(self, size: int, small: bool) -> _Block:
         if not self.expandable:
             nbytes = segment_size(size)
+            if self.limit is not None and self.reserved + nbytes > self.limit:
+                self.retries += 1
+                self._release_free_segments()
+                if self.reserved + nbytes > self.limit:
+                    raise AllocatorOutOfMemory(size)
             block = _Block(self._next_addr, nbytes, small)
             self._next_addr += nbytes
             self.segments += 1
@@ -133,6 +146,11 @@ class CachingAllocator:
         tail = self._tails[small]
         have = tail.size if tail is not None and tail.free else 0
         need = -(-(size - have) // page) * page
+        if self.limit is not None and self.reserved + need > self.limit:
+            self.retries += 1
+            self._release_free_tails(keep=small)
+            if self.reserved + need > self.limit:
+                raise AllocatorOutOfMemory(size)
         self._reserve(need)
         self._ends[small] += need
         if have:
@@ -148,6 +166,40 @@ class CachingAllocator:
         self._tails[small] = block
         return block
 
+    def _release_free_segments(self) -> None:
+        """release_cached_blocks: every segment that is one free block goes back to the driver."""
+        for small, pool in self._pools.items():
+            keep = []
+            for entry in pool:
+                block = entry[2]
+                if block.prev is None and block.next is None:
+                    self.reserved -= block.size
+                    self.segments -= 1
+                else:
+                    keep.append(entry)
+            self._pools[small] = keep
+
+    def _release_free_tails(self, keep: bool) -> None:
+        """Expandable segments unmap whole free pages at the end of each pool's segment."""
+        for small in (True, False):
+            tail = self._tails[small]
+            if tail is None or not tail.free:
+                continue
+            page = SMALL_BUFFER if small else LARGE_BUFFER
+            unmap = tail.size // page * page
+            if not unmap:
+                continue
+            self._remove(tail)
+            tail.size -= unmap
+            self._ends[small] -= unmap
+            self.reserved -= unmap
+            if tail.size:
+                self._insert(tail)
+            else:
+                self._tails[small] = tail.prev
+                if tail.prev is not None:
+                    tail.prev.next = None
+
     def _reserve(self, nbytes: int) -> None:
         self.reserved += nbytes
         self.peak_reserved = max(self.peak_reserved, self.reserved)
@@ -162,14 +214,15 @@ class CachingAllocator:
 
 
 def replay(sizes: np.ndarray, events: np.ndarray, *, baseline_uids=(), expandable: bool = False,
-           extra: tuple[int, ...] = ()) -> AllocatorStats:
+           extra: tuple[int, ...] = (), limit: int | None = None) -> AllocatorStats:
     """Runs an allocation stream through the allocator model.
 
     ``sizes[u]`` is the request of allocation ``u``; ``events`` lists allocations as ``u`` and releases as
     ``-u - 1``; ``baseline_uids`` are allocated first (tensors that existed before recording); ``extra`` are
-    requests made once before everything else and never released (library workspaces).
+    requests made once before everything else and never released (library workspaces). With ``limit`` (bytes the
+    allocator may reserve) it raises ``AllocatorOutOfMemory`` where the real allocator would.
     """
-    alloc = CachingAllocator(expandable=expandable)
+    alloc = CachingAllocator(expandable=expandable, limit=limit)
     for nbytes in extra:
         alloc.malloc(nbytes)
     blocks: dict[int, _Block] = {}
@@ -184,3 +237,20 @@ def replay(sizes: np.ndarray, events: np.ndarray, *, baseline_uids=(), expandabl
                 alloc.free(block)
     return AllocatorStats(peak_allocated=alloc.peak_allocated, peak_reserved=alloc.peak_reserved,
                           segments=alloc.segments)
+
+
+def min_limit(sizes: np.ndarray, events: np.ndarray, *, baseline_uids=(), expandable: bool = False,
+              extra: tuple[int, ...] = (), step: int = ROUND_LARGE) -> int:
+    """The smallest allocator limit (a multiple of ``step`` bytes) under which the stream runs without an
+    out-of-memory error: the memory the step really needs, fragmentation the allocator cannot undo included."""
+    free_run = replay(sizes, events, baseline_uids=baseline_uids, expandable=expandable, extra=extra)
+    low, high = free_run.peak_allocated // step, -(-free_run.peak_reserved // step)  # fails at low-1, runs at high
+    low = max(low - 1, 0)
+    while high - low > 1:
+        mid = (low + high) // 2
+        try:
+            replay(sizes, events, baseline_uids=baseline_uids, expandable=expandable, extra=extra, limit=mid * step)
+            high = mid
+        except AllocatorOutOfMemory:
+            low = mid
+    return high * step

@@ -247,7 +247,8 @@ def apply_lora(
             with torch.device(device):
                 return get_peft_model(model, config)
         except ValueError as err:
-            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            names = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules()
+                            if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"})
             raise ModelError(
                 f"LoRA targets {','.join(targets)} do not match this model ({str(err).splitlines()[0]}); "
                 f"its linear layers are: {','.join(names)}"

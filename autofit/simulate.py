@@ -345,6 +345,24 @@ def run(
     depth = num_layers or spec.num_layers
     torch.manual_seed(seed)
     kernels: list[str] = []
+    with _quiet_transformers():
+        return _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels)
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """transformers warns about things a simulation does on purpose (random configs, no loss type); hush it."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(level)
+
+
+def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels) -> Simulation:
     model = build_model(spec, cfg, depth, device="meta" if fake else "cpu")
     with contextlib.ExitStack() as stack:
         autocast = stack.enter_context(imitate_cuda(cfg, kernels))

@@ -1,4 +1,4 @@
-"""The memory of a training step, estimated without a GPU: a named breakdown and three totals.
+"""The memory of a training step, estimated without a GPU: a named breakdown and its totals.
 
 ``estimate()`` simulates the step (``autofit.simulate``) at two small depths and extrapolates to the model's full
 depth, and replays the simulated allocations through a model of the CUDA caching allocator (``autofit.allocator``)
@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 # PyTorch 2.10 + CUDA 13.0 (unsloth-zoo#1053). A training step loads more kernel modules (cuBLAS, attention,
 # optimizer), so autofit assumes 512 MiB until measurements on each GPU family replace it (benchmarks/gpu_accuracy.py).
 CUDA_CONTEXT_BYTES = 512 * MiB
-CONTEXT_SOURCE = "assumed 512 MiB (measured 274-426 MiB for a bare context, see autofit/estimate.py)"
+CONTEXT_SOURCE = "assumed 512 MiB (measured 274-426 MiB for a bare context, see autofit/memory.py)"
 
 # cuBLAS keeps one workspace per (handle, stream), allocated through the caching allocator on first use; PyTorch
 # 2.13's default is ":4096:2:16:8" (8,519,680 bytes), 32 MiB on compute capability 9.x, 10.x and 12.x
@@ -66,9 +66,11 @@ class MemoryEstimate:
 
     The components at the peak sum to the live bytes of PyTorch tensors plus cuBLAS workspaces; ``allocator_margin``
     is what the caching allocator reserves beyond them (fragmentation, block rounding), and ``cuda_context`` lies
-    outside the allocator. Totals: ``peak_allocated`` compares with ``torch.cuda.max_memory_allocated``,
-    ``peak_reserved`` with ``torch.cuda.max_memory_reserved`` (what an out-of-memory error is about), and
-    ``device_total`` with the process's memory in ``nvidia-smi``.
+    outside the allocator. Totals on a card with memory to spare: ``peak_allocated`` compares with
+    ``torch.cuda.max_memory_allocated``, ``peak_reserved`` with ``torch.cuda.max_memory_reserved``, ``device_total``
+    with the process's memory in ``nvidia-smi``. On a tight card the allocator releases cached segments before it
+    fails, so the step runs as long as it may reserve ``min_reserved`` bytes: ``required_bytes`` (that plus the
+    context) is the free memory a card must offer.
     """
 
     weights: int
@@ -81,6 +83,7 @@ class MemoryEstimate:
     allocator_margin: int
     cuda_context: int
     peak_allocated: int
+    min_reserved: int
     peak_reserved: int
     device_total: int
     where: str  # when in the step the peak happens
@@ -93,15 +96,21 @@ class MemoryEstimate:
     model_name: str
     num_layers: int
     gpu_name: str | None = None
+    expandable_segments: bool = False
     notes: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "temporaries",
-                     "workspaces", "cuda_context", "peak_allocated", "peak_reserved", "device_total"):
+                     "workspaces", "cuda_context", "peak_allocated", "min_reserved", "peak_reserved", "device_total"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must not be negative; got {getattr(self, name)}")
-        if self.peak_reserved < self.peak_allocated:
-            raise ValueError("peak_reserved must be at least peak_allocated")
+        if not self.peak_allocated <= self.min_reserved <= self.peak_reserved:
+            raise ValueError("need peak_allocated <= min_reserved <= peak_reserved")
+
+    @property
+    def required_bytes(self) -> int:
+        """Free device memory the step needs: the least the allocator can run in, plus the CUDA context."""
+        return self.min_reserved + self.cuda_context
 
     def components(self) -> dict[str, int]:
         """The named parts of ``device_total``, in print order."""
@@ -122,6 +131,7 @@ class MemoryEstimate:
         out["config"] = {k: getattr(self.config, k) for k in self.config.__slots__}
         out["simulated_layers"] = list(self.simulated_layers)
         out["notes"] = list(self.notes)
+        out["required_bytes"] = self.required_bytes
         return out
 
     def summary(self) -> str:
@@ -140,6 +150,8 @@ class MemoryEstimate:
         lines.append(f"  {'peak allocated':<{width}}  {fmt_bytes(self.peak_allocated):>12}   torch.cuda.max_memory_allocated")
         lines.append(f"  {'peak reserved':<{width}}  {fmt_bytes(self.peak_reserved):>12}   torch.cuda.max_memory_reserved")
         lines.append(f"  {'device total':<{width}}  {fmt_bytes(self.device_total):>12}   nvidia-smi")
+        lines.append(f"  {'needs free':<{width}}  {fmt_bytes(self.required_bytes):>12}   "
+                     "least free memory it runs in (the allocator releases cached blocks under pressure)")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -227,12 +239,33 @@ def _blocks(sim: Simulation) -> dict[tuple[int, str, int], tuple[int, int]]:
 
 
 # -- fitting candidates over depth and shape ---------------------------------------------------------------------------
-def _phi(batch_size, seq_len, n_features: int) -> np.ndarray:
-    """Shape features, scaled to keep the fit well conditioned: (1, s, s^2, b*s, b*s^2) in units of 1024 tokens."""
+def _phi(batch_size, seq_len, features: str) -> np.ndarray:
+    """Shape features, scaled to keep fits well conditioned (sequence lengths in units of 1024 tokens).
+
+    ``"bs"``: (1, s, s^2, b*s, b*s^2), every allocation's size over batch and sequence; ``"b"``: (1, b) at a fixed
+    sequence length; ``"one"``: (1,) at a single shape.
+    """
     b = np.asarray(batch_size, dtype=np.float64)
     s = np.asarray(seq_len, dtype=np.float64) / 1024.0
-    full = np.stack(np.broadcast_arrays(np.ones_like(b * s), s, s * s, b * s, b * s * s), axis=-1)
-    return full[..., :n_features]
+    if features == "one":
+        return np.ones(np.broadcast(b, s).shape + (1,))
+    if features == "b":
+        return np.stack(np.broadcast_arrays(np.ones_like(b * s), b), axis=-1)
+    return np.stack(np.broadcast_arrays(np.ones_like(b * s), s, s * s, b * s, b * s * s), axis=-1)
+
+
+def _feature_set(shapes) -> str:
+    shapes = sorted(set(shapes))
+    if len(shapes) == 1:
+        return "one"
+    if len({s for _, s in shapes}) == 1 and len(shapes) == 2:
+        return "b"
+    if len(shapes) == 5:
+        return "bs"
+    raise ValueError(f"cannot fit features to shapes {shapes}")
+
+
+_N_FEATURES = {"one": 1, "b": 2, "bs": 5}
 
 
 @dataclass(frozen=True, slots=True)
@@ -242,10 +275,10 @@ class _Envelope:
     weights: np.ndarray  # (points, features, categories)
     totals: np.ndarray  # (points, features): weights summed over device categories
     labels: tuple[str, ...]
-    n_features: int
+    features: str
 
     def at(self, batch_size: int, seq_len: int) -> tuple[int, np.ndarray, str]:
-        phi = _phi(batch_size, seq_len, self.n_features)
+        phi = _phi(batch_size, seq_len, self.features)
         totals = self.totals @ phi
         best = int(np.argmax(totals))
         by_category = np.rint(phi @ self.weights[best]).astype(np.int64)
@@ -255,10 +288,8 @@ class _Envelope:
 def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers: int) -> _Envelope:
     """Fits candidate peaks over (depth, block index, shape) and evaluates depth at ``target_layers``."""
     depths = sorted({s.num_layers for s in sims})
-    shapes = sorted({(s.batch_size, s.seq_len) for s in sims})
-    n_features = {1: 1, 5: 5}.get(len(shapes))
-    if n_features is None:
-        raise ValueError(f"need 1 or 5 simulated shapes; got {len(shapes)}")
+    features = _feature_set((s.batch_size, s.seq_len) for s in sims)
+    n_features = _N_FEATURES[features]
     single_depth = len(depths) == 1
     if single_depth and depths[0] != target_layers:
         raise ValueError("a single simulated depth must be the target depth")
@@ -266,7 +297,7 @@ def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers:
     phases: dict[tuple, int] = {}
     block_sizes: dict[tuple, set[int]] = {}
     for n, sim in enumerate(sims):
-        phi = _phi(sim.batch_size, sim.seq_len, n_features)
+        phi = _phi(sim.batch_size, sim.seq_len, features)
         counts: dict[tuple, int] = {}
         for point in _points(sim, _layer_types(spec, sim.num_layers)):
             slot, kind = point.slot, point.slot[1]
@@ -311,7 +342,7 @@ def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers:
             labels.append(_describe(slot, index, phases[slot], target_layers))
     weights_arr = np.array(weights)  # (points, features, categories)
     totals = weights_arr[:, :, _DEVICE_CATEGORIES].sum(axis=2)
-    return _Envelope(weights_arr, totals, tuple(labels), n_features)
+    return _Envelope(weights_arr, totals, tuple(labels), features)
 
 
 def _extremes(kind: str, type_: str, types: list[str]) -> list[int]:
@@ -326,7 +357,7 @@ def _extremes(kind: str, type_: str, types: list[str]) -> list[int]:
 
 
 def _describe(slot, index, phase, depth) -> str:
-    step, kind, _, _ = slot
+    step, kind = slot[0], slot[1]
     where = {
         "P": "start of the forward pass",
         "F0": "forward of layer 0",
@@ -357,7 +388,8 @@ def _fit_shapes(spec: models.ModelSpec, regime: str) -> list[tuple[int, int]]:
     if seqs[-1] > top:
         seqs = sorted({max(8, top // 3 // 8 * 8), max(16, 2 * top // 3 // 8 * 8), top // 8 * 8})
     (s1, s2, s3) = seqs
-    return [(1, s1), (2, s1), (1, s2), (2, s2), (1, s3)]
+    # batch 1 turns some copies into views (reshapes over a size-1 dim), a different event stream; 2 and 4 do not
+    return [(2, s1), (4, s1), (2, s2), (4, s2), (2, s3)]
 
 
 def simulated_depths(spec: models.ModelSpec) -> tuple[int, ...]:
@@ -370,53 +402,83 @@ def simulated_depths(spec: models.ModelSpec) -> tuple[int, ...]:
 
 # -- the fast model over shapes ---------------------------------------------------------------------------------------
 class StepModel:
-    """Peak allocated memory of one model and step configuration as a function of (batch size, sequence length).
+    """Peak memory of one model and step configuration as a function of batch size (and sequence length).
 
-    Built from ten simulations (five shapes at two depths); a query takes microseconds. ``query`` returns the
-    allocated peak (live tensors plus workspaces) with its breakdown; ``reserved`` adds the allocator margin fitted
-    from replays of the same simulations.
+    With ``seq_len`` it is fitted over batch size at that length from four simulations (batch 2 and 4 at two
+    depths); without, over batch size and sequence length from ten (five shapes at two depths). A query takes
+    microseconds. ``query`` gives the allocated peak (live tensors plus workspaces) with its breakdown;
+    ``min_reserved`` adds an allocator margin taken from capped replays of the same simulations (the worst share
+    seen), an estimate that ``estimate()`` confirms at an exact shape.
     """
 
-    def __init__(self, spec: models.ModelSpec, cfg: StepConfig, *, regime: str = "plain",
+    def __init__(self, spec: models.ModelSpec, cfg: StepConfig, *, seq_len: int | None = None,
                  progress: Callable[[str], None] | None = None) -> None:
-        self.spec, self.cfg, self.regime = spec, cfg, regime
+        self.spec, self.cfg, self.seq_len = spec, cfg, seq_len
         started = time.perf_counter()
-        sims = []
-        shapes = _fit_shapes(spec, regime)
+        if seq_len is not None:
+            spec.check_seq_len(seq_len)
+            shapes = [(2, seq_len), (4, seq_len)]
+        else:
+            shapes = _fit_shapes(spec, "plain")
         depths = simulated_depths(spec)
+        sims = []
         for depth in depths:
             for b, s in shapes:
                 if progress:
-                    progress(f"simulating {spec.name}: {len(sims) + 1}/{len(shapes) * len(depths)}")
+                    progress(f"simulating {spec.name} ({len(sims) + 1}/{len(shapes) * len(depths)})")
                 sims.append(simulate.run(spec, cfg, batch_size=b, seq_len=s, num_layers=depth))
         self.depths = depths
         self.envelope = _fit_envelope(sims, spec, spec.num_layers)
         self.workspaces = _workspaces(cfg)
-        self._margins = _fit_margins(sims, spec, self.workspaces, cfg)
+        self._margin_share = _fit_margin(sims, spec, self.workspaces)
         self.kernel = _kernel_name(sims[-1])
         self.build_seconds = time.perf_counter() - started
 
-    def query(self, batch_size: int, seq_len: int) -> tuple[int, np.ndarray, str]:
+    def query(self, batch_size: int, seq_len: int | None = None) -> tuple[int, np.ndarray, str]:
         """(allocated peak bytes, bytes per category, where) at this shape."""
+        seq_len = self._seq(seq_len)
         total, by_category, where = self.envelope.at(batch_size, seq_len)
         return total + self.workspaces, by_category, where
 
-    def reserved(self, batch_size: int, seq_len: int) -> int:
-        """Estimated peak reserved bytes at this shape."""
-        allocated, _, _ = self.query(batch_size, seq_len)
-        return allocated + max(0, int(round(float(self._margins @ _phi(batch_size, seq_len, 5)))))
+    def min_reserved(self, batch_size: int, seq_len: int | None = None) -> int:
+        """Estimated bytes the allocator must be allowed to reserve at this shape."""
+        seq_len = self._seq(seq_len)
+        allocated, parts, _ = self.query(batch_size, seq_len)
+        dynamic = allocated - self.workspaces - int(parts[simulate.WEIGHTS]) - int(parts[simulate.OPTIMIZER])
+        return allocated + int(self._margin_share * max(0, dynamic))
+
+    def _seq(self, seq_len: int | None) -> int:
+        if seq_len is None:
+            if self.seq_len is None:
+                raise ValueError("this StepModel covers several sequence lengths: pass seq_len")
+            return self.seq_len
+        if self.seq_len is not None and seq_len != self.seq_len:
+            raise ValueError(f"this StepModel was fitted at seq_len={self.seq_len}")
+        return seq_len
 
 
 def _workspaces(cfg: StepConfig) -> int:
     return WORKSPACE_THREADS * cublas_workspace_bytes(cfg.compute_capability) if cfg.device == "cuda" else 0
 
 
-def _replay(sim: Simulation, workspaces: int, cfg: StepConfig, expandable: bool = False) -> allocator.AllocatorStats:
+def _device_stream(sim: Simulation) -> np.ndarray:
+    """The events of ``sim`` that touch device memory (host-side step counters left out)."""
     tl = sim.timeline
+    on_device = sim.categories != HOST
+    return tl.events[on_device[np.where(tl.events >= 0, tl.events, -tl.events - 1)]]
+
+
+def _replay(sim: Simulation, workspaces: int, *, expandable: bool = False,
+            limit: int | None = None) -> allocator.AllocatorStats:
     extra = (workspaces // WORKSPACE_THREADS,) * WORKSPACE_THREADS if workspaces else ()
-    device = sim.categories != HOST
-    events = tl.events[device[np.where(tl.events >= 0, tl.events, -tl.events - 1)]]
-    return allocator.replay(tl.sizes, events, baseline_uids=range(tl.adopted), extra=extra, expandable=expandable)
+    return allocator.replay(sim.timeline.sizes, _device_stream(sim), baseline_uids=range(sim.timeline.adopted),
+                            extra=extra, expandable=expandable, limit=limit)
+
+
+def _min_reserved(sim: Simulation, workspaces: int, *, expandable: bool = False) -> int:
+    extra = (workspaces // WORKSPACE_THREADS,) * WORKSPACE_THREADS if workspaces else ()
+    return allocator.min_limit(sim.timeline.sizes, _device_stream(sim), baseline_uids=range(sim.timeline.adopted),
+                               extra=extra, expandable=expandable)
 
 
 def _device_peak(sim: Simulation) -> int:
@@ -429,36 +491,43 @@ def _device_peak(sim: Simulation) -> int:
     return int(max(base, (base + np.cumsum(signed)).max()))
 
 
-def _fit_margins(sims, spec, workspaces, cfg) -> np.ndarray:
-    """Reserved minus allocated, fitted like the candidates (shape features times (1, depth)), at full depth."""
-    rows, values = [], []
+def _by_depth(values: dict[int, float], depths: tuple[int, ...], target: int) -> float:
+    """Linear extrapolation in depth from the simulated depths."""
+    if len(depths) == 1:
+        return values[depths[0]]
+    (d0, d1) = depths
+    return values[d0] + (values[d1] - values[d0]) * (target - d0) / (d1 - d0)
+
+
+def _fit_margin(sims, spec, workspaces) -> float:
+    """The allocator margin as a share of the step's dynamic memory (all but weights, optimizer state and
+    workspaces): the largest share any fitted simulation needed. Fragmentation is not smooth in the shape, so the
+    fast model takes the worst case it has seen; ``estimate()`` replays the exact shape."""
+    worst = 0.0
     for sim in sims:
-        stats = _replay(sim, workspaces, cfg)
-        rows.append(np.kron(_phi(sim.batch_size, sim.seq_len, 5), [1.0, sim.num_layers]))
-        values.append(stats.peak_reserved - (_device_peak(sim) + workspaces))
-    depths = {s.num_layers for s in sims}
-    X = np.array(rows)
-    if len(depths) == 1:
-        X = X[:, ::2]
-    coef, *_ = np.linalg.lstsq(X, np.array(values, dtype=np.float64), rcond=None)
-    if len(depths) == 1:
-        return coef
-    c = coef.reshape(5, 2)
-    return c[:, 0] + spec.num_layers * c[:, 1]
+        live = _device_peak(sim)
+        static = int(sim.timeline.sizes[: sim.timeline.adopted].sum())  # weights and buffers
+        static += _optimizer_bytes(sim)
+        margin = _min_reserved(sim, workspaces) - (live + workspaces)
+        worst = max(worst, margin / max(1, live - static))
+    return worst
+
+
+def _optimizer_bytes(sim: Simulation) -> int:
+    from autofit.simulate import OPTIMIZER
+
+    return int(sim.timeline.sizes[sim.categories == OPTIMIZER].sum())
 
 
 def _kernel_name(sim: Simulation) -> str:
     kernels = sorted(set(sim.attention_kernels))
-    if kernels:
-        return "/".join(kernels)
-    impl = getattr(sim, "attn_implementation", None)
-    return impl or "eager (matmul and softmax)"
+    return "/".join(kernels) if kernels else "eager (matmul and softmax)"
 
 
-@functools.lru_cache(maxsize=64)
-def step_model(spec: models.ModelSpec, cfg: StepConfig, regime: str = "plain") -> StepModel:
+@functools.lru_cache(maxsize=128)
+def step_model(spec: models.ModelSpec, cfg: StepConfig, seq_len: int | None = None) -> StepModel:
     """The (cached) ``StepModel`` of a model and configuration."""
-    return StepModel(spec, cfg, regime=regime)
+    return StepModel(spec, cfg, seq_len=seq_len)
 
 
 # -- the public estimate ----------------------------------------------------------------------------------------------
@@ -557,39 +626,25 @@ def simulate_point(spec: models.ModelSpec, cfg: StepConfig, *, batch_size: int, 
     envelope = _fit_envelope(sims, spec, spec.num_layers)
     live, by_category, where = envelope.at(batch_size, seq_len)
     workspaces = _workspaces(cfg)
-    margins = []
-    for sim in sims:
-        stats = _replay(sim, workspaces, cfg, expandable=expandable_segments)
-        margins.append(stats.peak_reserved - (_device_peak(sim) + workspaces))
-    if len(sims) == 2:
-        (d0, d1), (m0, m1) = depths, margins
-        margin = m0 + (m1 - m0) * (spec.num_layers - d0) / (d1 - d0)
-    else:
-        margin = margins[0]
-    margin = max(0, int(round(margin)))
-    allocated_extra = max(0, min(margins))  # block rounding shows in max_memory_allocated too; bounded by the margin
-    return _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces, margin,
-                     source="simulation", kernel=_kernel_name(sims[-1]), depths=depths,
-                     allocated_rounding=_rounding(sims, workspaces, cfg, spec, allocated_extra))
+    over_live = {}
+    for name, measure in (("allocated", lambda sim: _replay(sim, workspaces, expandable=expandable_segments).peak_allocated),
+                          ("reserved", lambda sim: _replay(sim, workspaces, expandable=expandable_segments).peak_reserved),
+                          ("needed", lambda sim: _min_reserved(sim, workspaces, expandable=expandable_segments))):
+        values = {sim.num_layers: measure(sim) - (_device_peak(sim) + workspaces) for sim in sims}
+        over_live[name] = max(0, int(round(_by_depth(values, depths, spec.num_layers))))
+    return _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces,
+                     rounding=over_live["allocated"], reserved_margin=over_live["reserved"],
+                     needed_margin=over_live["needed"], source="simulation", kernel=_kernel_name(sims[-1]),
+                     depths=depths, expandable=expandable_segments)
 
 
-def _rounding(sims, workspaces, cfg, spec, cap) -> int:
-    """Bytes by which the allocator's block-based ``allocated`` statistic exceeds live tensors (unsplit blocks)."""
-    values = [_replay(s, workspaces, cfg).peak_allocated - (_device_peak(s) + workspaces) for s in sims]
-    if len(values) == 2:
-        d0, d1 = sims[0].num_layers, sims[1].num_layers
-        value = values[0] + (values[1] - values[0]) * (spec.num_layers - d0) / (d1 - d0)
-    else:
-        value = values[0]
-    return int(max(0, min(value, cap if cap > 0 else value)))
-
-
-def _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces, margin, *, source, kernel,
-              depths, allocated_rounding=0, notes=()) -> MemoryEstimate:
+def _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces, *, rounding, reserved_margin,
+              needed_margin, source, kernel, depths, expandable=False, notes=()) -> MemoryEstimate:
     parts = {name: int(by_category[i]) for i, name in enumerate(CATEGORY_NAMES) if i != HOST}
     tensors = sum(parts.values())
-    allocated = tensors + workspaces + allocated_rounding
-    reserved = max(allocated, tensors + workspaces + margin)
+    allocated = tensors + workspaces + rounding
+    reserved = max(allocated, tensors + workspaces + reserved_margin)
+    needed = min(reserved, max(allocated, tensors + workspaces + needed_margin))
     context = CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0
     notes = tuple(notes)
     if cfg.device == "cuda":
@@ -598,18 +653,21 @@ def _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspac
         weights=parts["weights"], gradients=parts["gradients"], optimizer_state=parts["optimizer_state"],
         activations=parts["activations"], logits_and_loss=parts["logits_and_loss"],
         temporaries=parts["temporaries"], workspaces=workspaces, allocator_margin=reserved - tensors - workspaces,
-        cuda_context=context, peak_allocated=allocated, peak_reserved=reserved, device_total=reserved + context,
-        where=where, source=source, attention_kernel=kernel, simulated_layers=tuple(depths), config=cfg,
-        batch_size=batch_size, seq_len=seq_len, model_name=spec.name, num_layers=spec.num_layers, notes=notes,
+        cuda_context=context, peak_allocated=allocated, min_reserved=needed, peak_reserved=reserved,
+        device_total=reserved + context, where=where, source=source, attention_kernel=kernel,
+        simulated_layers=tuple(depths), config=cfg, batch_size=batch_size, seq_len=seq_len, model_name=spec.name,
+        num_layers=spec.num_layers, expandable_segments=expandable, notes=notes,
     )
 
 
-def from_step_model(sm: StepModel, batch_size: int, seq_len: int) -> MemoryEstimate:
+def from_step_model(sm: StepModel, batch_size: int, seq_len: int | None = None) -> MemoryEstimate:
     """A ``MemoryEstimate`` from the fast model (for planners; ``estimate`` simulates the exact shape)."""
+    seq_len = sm._seq(seq_len)
     allocated, by_category, where = sm.query(batch_size, seq_len)
-    margin = sm.reserved(batch_size, seq_len) - allocated
+    margin = sm.min_reserved(batch_size, seq_len) - allocated
     return _assemble(sm.spec, sm.cfg, batch_size, seq_len, allocated - sm.workspaces, by_category, where,
-                     sm.workspaces, margin, source="surrogate", kernel=sm.kernel, depths=sm.depths)
+                     sm.workspaces, rounding=0, reserved_margin=margin, needed_margin=margin, source="surrogate",
+                     kernel=sm.kernel, depths=sm.depths)
 
 
 # -- the analytic fallback -------------------------------------------------------------------------------------------
@@ -639,7 +697,8 @@ def analytic(spec: models.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_le
     by_category[:6] = [weights, gradients, int(optimizer_bytes), activations, logits, 0]
     workspaces = _workspaces(cfg)
     live = int(by_category.sum())
-    margin = int(0.05 * live)  # no replay to measure fragmentation: a flat 5% of live memory
+    margin = int(0.10 * live)  # no replay to measure fragmentation: 10% of live memory, near the high end seen
     return _assemble(spec, cfg, batch_size, seq_len, live, by_category, "end of the forward pass (analytic)",
-                     workspaces, margin, source="analytic", kernel="unknown", depths=(),
-                     notes=(f"simulation failed ({reason}); analytic estimate, margin assumed 5%",))
+                     workspaces, rounding=0, reserved_margin=margin, needed_margin=margin, source="analytic",
+                     kernel="unknown", depths=(), notes=(f"simulation failed ({reason}); analytic estimate, "
+                                                         "allocator margin assumed 10% of live memory",))

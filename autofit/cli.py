@@ -1,0 +1,252 @@
+"""The ``autofit`` command: parses arguments, calls the public API, prints tables or JSON. No logic of its own.
+
+Errors a user can act on print one line and exit 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import os
+import sys
+from dataclasses import asdict
+
+from autofit.errors import AutofitError
+
+EPILOG = """examples:
+  autofit estimate distilgpt2 --gpu rtx3060 --batch-size 8 --seq-len 512
+  autofit estimate TinyLlama/TinyLlama-1.1B-Chat-v1.0 --gpu rtx4060-laptop --method qlora \\
+      --batch-size 4 --seq-len 1024 --gradient-checkpointing --plot mem.png
+  autofit inspect meta-llama/Llama-3.2-1B --method lora --lora-r 16
+  autofit gpus
+  autofit models
+
+Models are named from autofit's catalog (autofit models), the local Hugging Face cache, or a local directory with
+config.json; nothing is downloaded. GPUs are named from the catalog (rtx3060, "RTX 4060 Laptop", a100-80gb), by
+size (12GiB), or as a detected device (cuda:0); without --gpu, the detected card is used.
+"""
+
+
+class _Progress:
+    """One line of progress on stderr, rewritten in place on a terminal."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.width = 0
+
+    def __call__(self, message: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            sys.stderr.write("\r" + message.ljust(self.width))
+            self.width = len(message)
+        else:
+            sys.stderr.write(message + "\n")
+        sys.stderr.flush()
+
+    def done(self) -> None:
+        if self.enabled and self.tty and self.width:
+            sys.stderr.write("\r" + " " * self.width + "\r")
+            sys.stderr.flush()
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _add_knobs(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("training setup")
+    g.add_argument("--method", choices=("full", "lora", "qlora"), default="full",
+                   help="full fine-tuning, LoRA adapters on a 16-bit base, or LoRA on a 4/8-bit base (default: full)")
+    g.add_argument("--quantization", choices=("none", "8bit", "4bit"), default=None,
+                   help="base weights for qlora (default: 4bit for qlora, none otherwise)")
+    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
+                   help="mixed precision (default: bf16 where the card supports it, else fp16)")
+    g.add_argument("--gradient-checkpointing", action="store_true",
+                   help="recompute each layer in backward instead of keeping its activations")
+    g.add_argument("--optimizer", choices=("adamw_torch_fused", "adamw_torch", "adamw_8bit"),
+                   default="adamw_torch_fused", help="the Trainer's optim setting (default: adamw_torch_fused)")
+    g.add_argument("--lora-r", type=int, default=16, metavar="N", help="LoRA rank (default: 16)")
+    g.add_argument("--lora-targets", type=_csv, default=None, metavar="A,B",
+                   help="modules to adapt (default: peft's targets for the architecture)")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="autofit", description="Fit fine-tuning to your GPU: estimate, probe and plan the memory of a training "
+        "step.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
+    common.add_argument("--quiet", action="store_true", help="no progress messages")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    add = functools.partial(sub.add_parser, parents=[common])
+
+    p = add("estimate", help="memory of one training step, without allocating anything",
+                       description="Simulate a training step on fake tensors that imitate CUDA and print where the "
+                       "memory goes at its peak: weights, gradients, optimizer state, activations, logits, "
+                       "workspaces, allocator margin and CUDA context, with the three totals a GPU reports.")
+    p.add_argument("model", help="catalog name, repo id in the local HF cache, or a directory with config.json")
+    p.add_argument("--gpu", default=None, help="card to plan for (rtx3060, 12GiB, cuda:0, cpu); default: detected")
+    p.add_argument("--batch-size", type=int, required=True, metavar="N", help="per-device micro-batch")
+    p.add_argument("--seq-len", type=int, required=True, metavar="N", help="tokens per sequence")
+    _add_knobs(p)
+    p.add_argument("--expandable-segments", action="store_true",
+                   help="model PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
+    p.add_argument("--plot", metavar="FILE", help="also write a PNG of the components against batch size")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=_estimate)
+
+    p = add("inspect", help="architecture and exact parameter counts of a model",
+                       description="Resolve a model offline and count its parameters exactly, as a fine-tuning "
+                       "method loads it.")
+    p.add_argument("model")
+    p.add_argument("--method", choices=("full", "lora", "qlora"), default=None,
+                   help="count as this method loads the model (default: full, or lora when --lora-r is given)")
+    p.add_argument("--lora-r", type=int, default=None, metavar="N")
+    p.add_argument("--lora-targets", type=_csv, default=None, metavar="A,B")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_inspect)
+
+    p = add("gpus", help="detected GPUs and the catalog of known cards")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_gpus)
+
+    p = add("models", help="the built-in catalog of model configs (usable offline)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line ``argv``; returns the exit status."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
+                        format="autofit: %(levelname)s: %(message)s")
+    try:
+        return args.handler(args)
+    except AutofitError as err:
+        if args.debug:
+            raise
+        print(f"autofit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("autofit: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # output piped into a reader that stopped early (head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+def _print_json(obj) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+# -- handlers ----------------------------------------------------------------------------------------------------------
+def _estimate(args) -> int:
+    from autofit import memory as est
+
+    progress = _Progress(not args.quiet and not args.json)
+    result = est.estimate(
+        args.model, args.gpu, batch_size=args.batch_size, seq_len=args.seq_len, method=args.method,
+        precision=args.precision, quantization=args.quantization,
+        gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, lora_r=args.lora_r,
+        lora_targets=args.lora_targets, expandable_segments=args.expandable_segments, progress=progress)
+    plotted = None
+    if args.plot:
+        from autofit import plot
+
+        plotted = plot.batch_sweep(result, args.plot, gpu=args.gpu, progress=progress)
+    progress.done()
+    if args.json:
+        out = result.to_dict()
+        if plotted:
+            out["plot"] = plotted
+        _print_json(out)
+    else:
+        print(result.summary())
+        if plotted:
+            print(f"wrote {plotted}")
+    return 0
+
+
+def _inspect(args) -> int:
+    from autofit import model as models
+
+    spec = models.resolve(args.model)
+    method = args.method or ("lora" if args.lora_r or args.lora_targets else "full")
+    counts = models.count_params(spec, method=method, quantization="4bit" if method == "qlora" else "none",
+                                 lora_r=args.lora_r or 16, lora_targets=args.lora_targets)
+    info = {
+        "name": spec.name, "source": spec.source, "model_type": spec.model_type, "method": method,
+        "total_params": counts.total, "trainable_params": counts.trainable, "params_by_dtype": dict(counts.by_dtype),
+        "num_layers": spec.num_layers, "hidden_size": spec.hidden_size, "intermediate_size": spec.intermediate_size,
+        "num_heads": spec.num_heads, "num_kv_heads": spec.num_kv_heads, "head_dim": spec.head_dim,
+        "vocab_size": spec.vocab_size, "max_positions": spec.max_positions, "sliding_window": spec.sliding_window,
+        "tied_embeddings": spec.tied_embeddings, "lora_targets": list(args.lora_targets or spec.lora_targets),
+    }
+    if method != "full":
+        info["lora_r"] = args.lora_r or 16
+    if args.json:
+        _print_json(info)
+        return 0
+    print(f"{spec.name} ({spec.model_type}, from {spec.source})")
+    print(f"  {spec.num_layers} layers, hidden {spec.hidden_size}, {spec.num_heads} heads ({spec.num_kv_heads} kv, "
+          f"dim {spec.head_dim}), intermediate {spec.intermediate_size}, vocab {spec.vocab_size}, "
+          f"positions {spec.max_positions}")
+    print(f"  parameters: {counts.total:,} total, {counts.trainable:,} trainable ({method}"
+          + (f", r={info['lora_r']} on {','.join(info['lora_targets'])}" if method != "full" else "") + ")")
+    for dtype, n in sorted(counts.by_dtype.items()):
+        print(f"    {dtype:<9} {n:>16,}")
+    return 0
+
+
+def _gpus(args) -> int:
+    from autofit import gpu as gpus
+    from autofit.units import fmt_bytes
+
+    detected, catalog = gpus.detect(), gpus.catalog()
+    if args.json:
+        _print_json({"detected": [asdict(g) for g in detected], "catalog": [asdict(g) for g in catalog]})
+        return 0
+    if detected:
+        print("detected:")
+        for g in detected:
+            print(f"  cuda:{g.index}  {g.name}: {fmt_bytes(g.total_bytes)} total, {fmt_bytes(g.free_bytes)} free, "
+                  f"{fmt_bytes(g.used_by_others_bytes)} used by other processes")
+    else:
+        print("detected: no CUDA GPU (name a card with --gpu, e.g. --gpu rtx3060)")
+    print("\ncatalog (--gpu KEY):")
+    for g in catalog:
+        cc = ".".join(map(str, g.compute_capability)) if g.compute_capability else "?"
+        tflops = f"{g.peak_tflops_16:g} TFLOPS" if g.peak_tflops_16 else "? TFLOPS"
+        bw = f"{g.bandwidth_gbs:g} GB/s" if g.bandwidth_gbs else "? GB/s"
+        print(f"  {g.key:<20} {g.name:<34} {fmt_bytes(g.total_bytes):>10}  sm {cc:<4} {tflops:>14} {bw:>11}")
+    return 0
+
+
+def _models(args) -> int:
+    from autofit import model as models
+
+    rows = []
+    for name in models.catalog_names():
+        spec = models.resolve(name)
+        rows.append({"name": name, "params": spec.total_params, "num_layers": spec.num_layers,
+                     "max_positions": spec.max_positions, "model_type": spec.model_type})
+    if args.json:
+        _print_json(rows)
+        return 0
+    for r in rows:
+        print(f"  {r['name']:<42} {r['params'] / 1e9:>7.2f}B  {r['num_layers']:>3} layers  "
+              f"{r['max_positions'] or '?':>6} positions  {r['model_type']}")
+    return 0

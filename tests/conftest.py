@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny architectures built from configs (no downloads), and the GPU marker."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_gpt2(layers: int = 2, **overrides):
+    from transformers import GPT2Config
+
+    kwargs = dict(n_layer=layers, n_embd=64, n_head=4, vocab_size=256, n_positions=128, bos_token_id=0,
+                  eos_token_id=0)
+    kwargs.update(overrides)
+    return GPT2Config(**kwargs)
+
+
+def tiny_llama(layers: int = 2, **overrides):
+    from transformers import LlamaConfig
+
+    kwargs = dict(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256, max_position_embeddings=128, bos_token_id=0,
+                  eos_token_id=0)
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def tiny_gemma2(layers: int = 4, **overrides):
+    from transformers import Gemma2Config
+
+    kwargs = dict(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, vocab_size=256, max_position_embeddings=128,
+                  sliding_window=64, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+    kwargs.update(overrides)
+    return Gemma2Config(**kwargs)
+
+
+@pytest.fixture
+def gpt2_spec():
+    from autofit import model
+
+    return model.resolve(tiny_gpt2())
+
+
+@pytest.fixture
+def llama_spec():
+    from autofit import model
+
+    return model.resolve(tiny_llama())

@@ -1,0 +1,71 @@
+import json
+
+import pytest
+
+from autofit.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_estimate_table_and_json(capsys):
+    code, out, _ = run(capsys, "estimate", "distilgpt2", "--gpu", "rtx3060", "--batch-size", "4", "--seq-len", "256",
+                       "--quiet")
+    assert code == 0 and "peak reserved" in out and "NVIDIA GeForce RTX 3060" in out
+    code, out, _ = run(capsys, "estimate", "distilgpt2", "--gpu", "rtx3060", "--batch-size", "4", "--seq-len", "256",
+                       "--json")
+    data = json.loads(out)
+    assert code == 0 and data["peak_allocated"] <= data["min_reserved"] <= data["peak_reserved"]
+    assert data["config"]["precision"] == "bf16" and data["source"] == "simulation"
+
+
+def test_estimate_plot(capsys, tmp_path):
+    path = tmp_path / "mem.png"
+    code, out, _ = run(capsys, "estimate", "distilgpt2", "--gpu", "8GiB", "--batch-size", "2", "--seq-len", "128",
+                       "--plot", str(path), "--quiet")
+    assert code == 0 and path.read_bytes()[:4] == b"\x89PNG" and "wrote" in out
+
+
+def test_inspect(capsys):
+    code, out, _ = run(capsys, "inspect", "gpt2", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["total_params"] == 124_439_808 and data["trainable_params"] == 124_439_808
+    code, out, _ = run(capsys, "inspect", "distilgpt2", "--lora-r", "8", "--json")
+    data = json.loads(out)
+    assert data["method"] == "lora" and data["trainable_params"] == 147_456
+    code, out, _ = run(capsys, "inspect", "distilgpt2", "--lora-r", "8", "--lora-targets", "c_attn,c_fc")
+    assert code == 0 and "c_attn,c_fc" in out
+
+
+def test_gpus_and_models(capsys):
+    code, out, _ = run(capsys, "gpus", "--json")
+    data = json.loads(out)
+    assert code == 0 and data["detected"] == [] and len(data["catalog"]) >= 25
+    code, out, _ = run(capsys, "gpus")
+    assert "rtx4060laptop" in out.replace("-", "")
+    code, out, _ = run(capsys, "models", "--json")
+    assert code == 0 and {"distilgpt2", "meta-llama/Llama-3.1-70B"} <= {r["name"].split("/")[-1] if "gpt2" in r["name"]
+                                                                        else r["name"] for r in json.loads(out)}
+
+
+@pytest.mark.parametrize("argv, fragment", [
+    (["estimate", "nosuchmodel", "--gpu", "rtx3060", "--batch-size", "1", "--seq-len", "8"], "unknown model"),
+    (["estimate", "gpt2", "--gpu", "rtx9999", "--batch-size", "1", "--seq-len", "8"], "unknown GPU"),
+    (["estimate", "gpt2", "--gpu", "rtx3060", "--batch-size", "1", "--seq-len", "99999"], "beyond"),
+    (["estimate", "gpt2", "--batch-size", "1", "--seq-len", "8"], "no CUDA GPU detected"),
+    (["estimate", "gpt2", "--gpu", "cuda:x", "--batch-size", "1", "--seq-len", "8"], ""),
+    (["inspect", "gpt2", "--lora-r", "4", "--lora-targets", "q_proj"], "do not match"),
+])
+def test_bad_input_prints_one_line_and_exits_2(capsys, argv, fragment):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    lines = [line for line in err.splitlines() if line.startswith("autofit: error:")]
+    assert len(lines) == 1 and fragment in lines[0] and "Traceback" not in err
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run(capsys)
+    assert code == 2 and "estimate" in out
