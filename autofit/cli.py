@@ -16,6 +16,8 @@ from dataclasses import asdict
 from autofit.errors import AutofitError
 
 EPILOG = """examples:
+  autofit probe distilgpt2 --gpu rtx3060            plan every knob for a card (probes it when present)
+  autofit fit --gpu rtx4060-laptop                  which catalog models fit an 8 GB laptop card, and how
   autofit estimate distilgpt2 --gpu rtx3060 --batch-size 8 --seq-len 512
   autofit estimate TinyLlama/TinyLlama-1.1B-Chat-v1.0 --gpu rtx4060-laptop --method qlora \\
       --batch-size 4 --seq-len 1024 --gradient-checkpointing --plot mem.png
@@ -99,6 +101,46 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_estimate)
 
+    p = add("probe", help="plan every knob for a card: method, batch, accumulation, length, checkpointing",
+            description="Choose the fastest configuration that fits the card: full fine-tuning, LoRA or QLoRA, "
+            "micro-batch and accumulation (the effective batch stays what you ask), sequence length, gradient "
+            "checkpointing and precision, with the memory estimate and the reasons behind each choice. With a GPU "
+            "present and no --gpu, the card is probed with real trial steps; otherwise the plan comes from the "
+            "estimate for the named card.",
+            epilog="The plan's TrainingArguments: Plan.from_json(open('plan.json').read()).training_arguments()",
+            formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("model")
+    p.add_argument("--gpu", default=None, help="card to plan for (rtx3060, 12GiB, cuda:0, cpu); default: detected")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="tokens per sequence (default: from --data, else 1024 or the model's positions)")
+    p.add_argument("--effective-batch", type=int, default=None, metavar="N",
+                   help="sequences per optimizer step, kept exactly as batch x accumulation (default: 16)")
+    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto",
+                   help="auto: the strongest method that fits a useful micro-batch (default)")
+    p.add_argument("--data", metavar="FILE", help="text, JSON lines or chat data: the sequence length is measured")
+    p.add_argument("--quantization", choices=("4bit", "8bit"), default=None, help="base weights for qlora")
+    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None)
+    p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--lora-r", type=int, default=16, metavar="N")
+    p.add_argument("--lora-targets", type=_csv, default=None, metavar="A,B")
+    p.add_argument("--margin", type=float, default=None, metavar="F",
+                   help="share of the card's memory kept free (default: 0.05)")
+    p.add_argument("--no-probe", action="store_true", help="plan from the estimate even when the card is present")
+    p.add_argument("--no-cache", action="store_true", help="do not read or write cached simulations and calibration")
+    p.add_argument("--out", metavar="FILE", help="write the plan as JSON (Plan.from_json reads it back)")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_probe)
+
+    p = add("fit", help="every catalog model on one card: the best plan, or why none fits",
+            description="Plan every model of autofit's catalog for one card and print a table a user choosing a "
+            "model can read instead of a guide.")
+    p.add_argument("--gpu", default=None, help="card (rtx4060-laptop, 12GiB, cuda:0); default: detected")
+    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N", help="default: 1024 or the model's positions")
+    p.add_argument("--models", type=_csv, default=None, metavar="A,B", help="only these models")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_fit)
+
     p = add("inspect", help="architecture and exact parameter counts of a model",
                        description="Resolve a model offline and count its parameters exactly, as a fine-tuning "
                        "method loads it.")
@@ -177,6 +219,68 @@ def _estimate(args) -> int:
         print(result.summary())
         if plotted:
             print(f"wrote {plotted}")
+    return 0
+
+
+def _probe(args) -> int:
+    from autofit import gpu as gpus
+    from autofit import planner
+
+    if args.no_cache:
+        os.environ["AUTOFIT_CACHE"] = "off"
+    if args.gpu is None and not gpus.detect():
+        raise AutofitError("no CUDA GPU detected, so there is no card to probe; plan for the card you will train on "
+                           "with --gpu, e.g. autofit probe MODEL --gpu rtx3060 (autofit gpus lists the names)")
+    progress = _Progress(not args.quiet and not args.json)
+    kwargs = {} if args.margin is None else {"margin": args.margin}
+    result = planner.plan(
+        args.model, args.gpu, seq_len=args.seq_len, effective_batch=args.effective_batch, method=args.method,
+        dataset=args.data, quantization=args.quantization, precision=args.precision, lora_r=args.lora_r,
+        lora_targets=args.lora_targets,
+        gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
+        probe=False if args.no_probe or args.gpu is not None and not str(args.gpu).startswith("cuda") else None,
+        progress=progress, **kwargs)
+    progress.done()
+    if args.out:
+        from autofit.files import write_atomic
+
+        write_atomic(args.out, result.to_json())
+    if args.json:
+        print(result.to_json())
+        return 0
+    print(result.summary())
+    if result.source == "estimated":
+        present = bool(gpus.detect())
+        print("  note: planned from the estimate for this card" + (" (pass --gpu cuda:N to probe the card present)"
+                                                                      if present else "; no GPU here to probe"))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _fit(args) -> int:
+    from autofit import planner
+    from autofit.units import fmt_bytes
+
+    progress = _Progress(not args.quiet and not args.json)
+    rows = planner.fit_table(args.gpu, method=args.method, seq_len=args.seq_len, names=args.models, progress=progress)
+    progress.done()
+    if args.json:
+        _print_json(rows)
+        return 0
+    from autofit import gpu as gpus
+
+    card = gpus.resolve(args.gpu)
+    print(f"fine-tuning on {card.name} ({fmt_bytes(card.total_bytes)}):")
+    print(f"  {'model':<40} {'method':<13} {'batch x accum':>13} {'seq':>5} {'ckpt':>4} {'needs':>10} {'tokens/s':>9}")
+    for r in rows:
+        if r["fits"]:
+            method = r["method"] + (f" {r['quantization']}" if r["quantization"] != "none" else "")
+            print(f"  {r['model']:<40} {method:<13} {str(r['batch_size']) + ' x ' + str(r['grad_accum']):>13} "
+                  f"{r['seq_len']:>5} {'on' if r['checkpointing'] else 'off':>4} {fmt_bytes(r['required_bytes']):>10} "
+                  f"{r['tokens_per_second']:>9,}")
+        else:
+            print(f"  {r['model']:<40} does not fit: {r['reason'].split(': ', 1)[-1]}")
     return 0
 
 

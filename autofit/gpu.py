@@ -19,7 +19,7 @@ from autofit.units import GiB, MiB, fmt_bytes, parse_size
 
 log = logging.getLogger(__name__)
 
-_SOURCES = ("catalog", "size", "nvml", "torch")
+_SOURCES = ("catalog", "size", "nvml", "torch", "host")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -500,6 +500,7 @@ def resolve(spec: str | int | GpuInfo | None) -> GpuInfo:
       ``h100`` 80 GB SXM.
     - a memory size with a unit: ``12GB``, ``12GiB``, ``8 GB``, ``11264MiB`` (GB means GiB, as on GPU boxes). The size
       is taken as the driver-reported total. A bare number is not a size here: ``1080`` is a GTX 1080, not 1080 GiB.
+    - ``cpu``: the host's memory, for runs without a GPU (``host_memory()``).
     """
     if isinstance(spec, GpuInfo):
         return spec
@@ -512,6 +513,8 @@ def resolve(spec: str | int | GpuInfo | None) -> GpuInfo:
     text = spec.strip()
     if not text:
         raise GpuError("empty GPU spec; name the card you plan for, e.g. --gpu rtx3060 or --gpu 12GiB")
+    if text.lower() == "cpu":
+        return host_memory()
     device = _CUDA_DEVICE.fullmatch(text)
     if device:
         number = device.group(1)
@@ -530,6 +533,25 @@ def resolve(spec: str | int | GpuInfo | None) -> GpuInfo:
     device_hint = f", cuda:{text} for a device" if text.isdigit() else ""
     raise GpuError(f"unknown GPU {spec!r}{hint}; run 'autofit gpus' for the list{device_hint} "
                    f"or give a size like 12GiB")
+
+
+def host_memory() -> GpuInfo:
+    """The host as a device: total and available RAM from ``/proc/meminfo`` (``os.sysconf`` elsewhere)."""
+    total = available = None
+    try:
+        with open("/proc/meminfo") as fh:
+            info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in fh if line.split()[1:]}
+        total, available = info.get("MemTotal"), info.get("MemAvailable")
+    except OSError:
+        pass
+    if total is None:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if available is None:
+        available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    available = min(available, total)
+    return GpuInfo(name="CPU (host memory)", key="cpu", total_bytes=total, free_bytes=available,
+                   used_by_others_bytes=total - available, compute_capability=None, bf16=False,
+                   peak_tflops_16=None, bandwidth_gbs=None, source="host")
 
 
 def _sized(text: str) -> GpuInfo:

@@ -149,11 +149,19 @@ def quantize_linears(model: nn.Module, bits: str, *, compute_dtype: torch.dtype)
 
 
 def upcast_non_quantized(model: nn.Module) -> None:
-    """What ``peft.prepare_model_for_kbit_training`` does to the rest: 16-bit parameters become fp32, all frozen."""
-    for p in model.parameters():
-        p.requires_grad_(False)
-        if p.dtype in (torch.float16, torch.bfloat16):
-            p.data = p.data.to(torch.float32)
+    """The rest of a k-bit model as autofit trains it, all frozen: normalization weights in fp32, embeddings and the
+    output head left 16-bit. This follows the QLoRA reference code (github.com/artidoro/qlora, ``qlora.py``: norms to
+    fp32, ``lm_head``/``embed_tokens`` to bf16), not ``peft.prepare_model_for_kbit_training``, which upcasts every
+    16-bit parameter and so costs 2 bytes per embedding and head weight more (4 GiB for Llama-3's 128k vocabulary)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    keep = {id(p) for m in (head, embeddings) if m is not None for p in m.parameters()}
+    for module in model.modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for p in module.parameters(recurse=False):
+            p.requires_grad_(False)
+            if is_norm and id(p) not in keep and p.dtype in (torch.float16, torch.bfloat16):
+                p.data = p.data.to(torch.float32)
 
 
 def logical_numel(p: torch.Tensor) -> int:

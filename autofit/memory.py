@@ -11,8 +11,9 @@ layer's backward and the optimizer step). Live memory can only peak where an all
 so each block is reduced to those candidate points, in order. At a given candidate of a given block, live memory is
 linear in the depth and in the block's index (each layer adds the same saved activations and the same weights), so
 it peaks at the first or the last block: evaluating those two at the full depth, with coefficients fitted from
-simulations of 2p+1 and 3p+1 layers (p: the period of the layer types, 1 but for models that alternate attention
-kinds), gives the full-depth peak of every candidate. The first layer forms its own block kind, since its input needs
+simulations of p+1 and 2p+1 layers (p: the period of the layer types, 1 but for models that alternate attention
+kinds; 2p+1 and 3p+1 when the steps between layers hold allocations too), gives the full-depth peak of every
+candidate. The first layer forms its own block kind, since its input needs
 no gradient when the embeddings are frozen. Over batch size ``b`` and sequence length ``s`` every allocation is a
 polynomial in ``(1, s, s^2, b*s, b*s^2)``, which five simulated points fit exactly.
 """
@@ -133,6 +134,16 @@ class MemoryEstimate:
         out["notes"] = list(self.notes)
         out["required_bytes"] = self.required_bytes
         return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "MemoryEstimate":
+        """The inverse of ``to_dict``."""
+        data = dict(data)
+        data.pop("required_bytes", None)
+        data["config"] = simulate.StepConfig.from_dict(data["config"])
+        data["simulated_layers"] = tuple(data["simulated_layers"])
+        data["notes"] = tuple(data["notes"])
+        return cls(**data)
 
     def summary(self) -> str:
         """A human table of the breakdown and totals."""
@@ -299,6 +310,7 @@ def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers:
     for n, sim in enumerate(sims):
         phi = _phi(sim.batch_size, sim.seq_len, features)
         counts: dict[tuple, int] = {}
+        rows: dict[int | None, np.ndarray] = {}
         for point in _points(sim, _layer_types(spec, sim.num_layers)):
             slot, kind = point.slot, point.slot[1]
             counts[(slot[:3], point.index)] = counts.get((slot[:3], point.index), 0) + 1
@@ -306,10 +318,12 @@ def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers:
                 if kind in _INDEXED:
                     slot = slot + (point.index,)  # every block observed: no index model needed
                 row = phi
-            elif kind in _INDEXED:
-                row = np.kron(phi, [1.0, sim.num_layers, point.index])
             else:
-                row = np.kron(phi, [1.0, sim.num_layers])
+                key = point.index if kind in _INDEXED else None
+                row = rows.get(key)
+                if row is None:
+                    depth_terms = [1.0, sim.num_layers] + ([] if key is None else [key])
+                    row = rows[key] = np.outer(phi, depth_terms).ravel()
             observed.setdefault(slot, []).append((row, point.live))
             phases[slot] = point.phase
         for (block, _), count in counts.items():
@@ -319,27 +333,37 @@ def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers:
         raise SimulationError(f"blocks of the step differ between layers or simulations ({uneven[0]}); "
                               "cannot extrapolate depth")
     target_types = _layer_types(spec, target_layers)
-    weights, labels = [], []
+    # slots of one kind and layer type were observed in the same simulations and blocks, so they share a design
+    # matrix: solve each group with one least-squares call over all its slots and categories
+    groups: dict[tuple, list[tuple]] = {}
     for slot, rows in observed.items():
-        X = np.array([r for r, _ in rows])
-        Y = np.array([v for _, v in rows], dtype=np.float64)
         kind = slot[1]
-        if len(rows) < X.shape[1] or (kind not in _INDEXED and len(rows) != len(sims)):
+        if kind not in _INDEXED and len(rows) != len(sims):
             raise SimulationError(f"simulations disagree on the step's structure at {slot}; cannot extrapolate")
-        coef, *_ = np.linalg.lstsq(X, Y, rcond=None)
-        if single_depth:
-            index = slot[4] if kind in _INDEXED else None
-            evaluations = [(index, coef)]
-        elif kind not in _INDEXED:
-            c = coef.reshape(n_features, 2, -1)
-            evaluations = [(None, c[:, 0] + target_layers * c[:, 1])]
-        else:
-            c = coef.reshape(n_features, 3, -1)
-            evaluations = [(i, c[:, 0] + target_layers * c[:, 1] + i * c[:, 2])
-                           for i in _extremes(kind, slot[2], target_types)]
-        for index, w in evaluations:
-            weights.append(w)
-            labels.append(_describe(slot, index, phases[slot], target_layers))
+        design = np.array([r for r, _ in rows])
+        groups.setdefault((slot[1], slot[2], len(rows), design.tobytes()), []).append(slot)
+    weights, labels = [], []
+    for (kind, type_, n_rows, _), slots in groups.items():
+        X = np.array([r for r, _ in observed[slots[0]]])
+        if n_rows < X.shape[1]:
+            raise SimulationError(f"too few observations of {slots[0]} to extrapolate depth")
+        Y = np.stack([np.array([v for _, v in observed[slot]], dtype=np.float64) for slot in slots], axis=1)
+        coef, *_ = np.linalg.lstsq(X, Y.reshape(n_rows, -1), rcond=None)
+        coef = coef.reshape(X.shape[1], len(slots), -1)  # (columns, slots, categories)
+        for j, slot in enumerate(slots):
+            c = coef[:, j, :]
+            if single_depth:
+                evaluations = [(slot[4] if kind in _INDEXED else None, c)]
+            elif kind not in _INDEXED:
+                c = c.reshape(n_features, 2, -1)
+                evaluations = [(None, c[:, 0] + target_layers * c[:, 1])]
+            else:
+                c = c.reshape(n_features, 3, -1)
+                evaluations = [(i, c[:, 0] + target_layers * c[:, 1] + i * c[:, 2])
+                               for i in _extremes(kind, type_, target_types)]
+            for index, w in evaluations:
+                weights.append(w)
+                labels.append(_describe(slot, index, phases[slot], target_layers))
     weights_arr = np.array(weights)  # (points, features, categories)
     totals = weights_arr[:, :, _DEVICE_CATEGORIES].sum(axis=2)
     return _Envelope(weights_arr, totals, tuple(labels), features)
@@ -392,12 +416,30 @@ def _fit_shapes(spec: models.ModelSpec, regime: str) -> list[tuple[int, int]]:
     return [(2, s1), (4, s1), (2, s2), (4, s2), (2, s3)]
 
 
-def simulated_depths(spec: models.ModelSpec) -> tuple[int, ...]:
-    """The depths simulated for ``spec``: (2p+1, 3p+1) for a layer-type period p, or the full depth if smaller."""
+def simulated_depths(spec: models.ModelSpec, *, deep: bool = False) -> tuple[int, ...]:
+    """The depths simulated for ``spec``: (p+1, 2p+1) for a layer-type period p, or the full depth if smaller.
+
+    With ``deep``, (2p+1, 3p+1): two blocks of every kind past the first, for steps whose gaps between layers hold
+    allocations (the shallow pair cannot fit those)."""
     types = getattr(spec.config, "layer_types", None)
     period = _type_period(types) if types and len(set(types)) > 1 else 1
-    depths = (2 * period + 1, 3 * period + 1)
+    depths = (2 * period + 1, 3 * period + 1) if deep else (period + 1, 2 * period + 1)
     return (spec.num_layers,) if spec.num_layers <= depths[1] else depths
+
+
+def _simulate_depths(spec, cfg, shapes, progress) -> tuple[tuple[int, ...], list[Simulation], "_Envelope"]:
+    """Simulations of ``shapes`` at the shallow depths, or the deep ones when the shallow fit cannot be made."""
+    for deep in (False, True):
+        depths = simulated_depths(spec, deep=deep)
+        jobs = [simulate.Job(spec=spec, cfg=cfg, batch_size=b, seq_len=s, num_layers=d) for d in depths for b, s in shapes]
+        sims = simulate.run_many(jobs, progress)
+        try:
+            return depths, sims, _fit_envelope(sims, spec, spec.num_layers)
+        except SimulationError:
+            if deep or len(depths) == 1:
+                raise
+            log.debug("shallow depths %s do not fit %s; simulating deeper", depths, spec.name)
+    raise AssertionError("unreachable")
 
 
 # -- the fast model over shapes ---------------------------------------------------------------------------------------
@@ -420,15 +462,7 @@ class StepModel:
             shapes = [(2, seq_len), (4, seq_len)]
         else:
             shapes = _fit_shapes(spec, "plain")
-        depths = simulated_depths(spec)
-        sims = []
-        for depth in depths:
-            for b, s in shapes:
-                if progress:
-                    progress(f"simulating {spec.name} ({len(sims) + 1}/{len(shapes) * len(depths)})")
-                sims.append(simulate.run(spec, cfg, batch_size=b, seq_len=s, num_layers=depth))
-        self.depths = depths
-        self.envelope = _fit_envelope(sims, spec, spec.num_layers)
+        self.depths, sims, self.envelope = _simulate_depths(spec, cfg, shapes, progress)
         self.workspaces = _workspaces(cfg)
         self._margin_share = _fit_margin(sims, spec, self.workspaces)
         self.kernel = _kernel_name(sims[-1])
@@ -468,17 +502,23 @@ def _device_stream(sim: Simulation) -> np.ndarray:
     return tl.events[on_device[np.where(tl.events >= 0, tl.events, -tl.events - 1)]]
 
 
-def _replay(sim: Simulation, workspaces: int, *, expandable: bool = False,
-            limit: int | None = None) -> allocator.AllocatorStats:
-    extra = (workspaces // WORKSPACE_THREADS,) * WORKSPACE_THREADS if workspaces else ()
-    return allocator.replay(sim.timeline.sizes, _device_stream(sim), baseline_uids=range(sim.timeline.adopted),
-                            extra=extra, expandable=expandable, limit=limit)
+def _replay(sim: Simulation, workspaces: int, *, expandable: bool = False) -> allocator.AllocatorStats:
+    key = ("replay", workspaces, expandable)
+    if key not in sim.memo:
+        extra = (workspaces // WORKSPACE_THREADS,) * WORKSPACE_THREADS if workspaces else ()
+        sim.memo[key] = allocator.replay(sim.timeline.sizes, _device_stream(sim),
+                                         baseline_uids=range(sim.timeline.adopted), extra=extra, expandable=expandable)
+    return sim.memo[key]
 
 
 def _min_reserved(sim: Simulation, workspaces: int, *, expandable: bool = False) -> int:
-    extra = (workspaces // WORKSPACE_THREADS,) * WORKSPACE_THREADS if workspaces else ()
-    return allocator.min_limit(sim.timeline.sizes, _device_stream(sim), baseline_uids=range(sim.timeline.adopted),
-                               extra=extra, expandable=expandable)
+    key = ("min_reserved", workspaces, expandable)
+    if key not in sim.memo:
+        extra = (workspaces // WORKSPACE_THREADS,) * WORKSPACE_THREADS if workspaces else ()
+        sim.memo[key] = allocator.min_limit(sim.timeline.sizes, _device_stream(sim),
+                                            baseline_uids=range(sim.timeline.adopted), extra=extra,
+                                            expandable=expandable)
+    return sim.memo[key]
 
 
 def _device_peak(sim: Simulation) -> int:
@@ -532,7 +572,7 @@ def step_model(spec: models.ModelSpec, cfg: StepConfig, seq_len: int | None = No
 
 # -- the public estimate ----------------------------------------------------------------------------------------------
 def step_config(
-    gpu: gpus.GpuInfo | None,
+    gpu: gpus.GpuInfo,
     *,
     method: str = "full",
     precision: str | None = None,
@@ -545,7 +585,7 @@ def step_config(
     lora_targets: tuple[str, ...] | None = None,
     max_grad_norm: float | None = 1.0,
 ) -> StepConfig:
-    """The ``StepConfig`` for these knobs on ``gpu`` (None: a host-memory run on the CPU).
+    """The ``StepConfig`` for these knobs on ``gpu`` (``gpu.source == "host"``: a run in host memory on the CPU).
 
     ``precision`` None picks bf16 where the card supports it, else fp16 (fp32 on the CPU); ``quantization`` None
     means 4bit for qlora and none otherwise; ``lora`` with a quantization is qlora.
@@ -556,17 +596,16 @@ def step_config(
         quantization = "4bit" if method == "qlora" else "none"
     if method == "lora" and quantization != "none":
         method = "qlora"
-    cc = gpu.compute_capability if gpu is not None and gpu.compute_capability else (8, 6)
+    host = gpu.source == "host"
+    # a card known only by its size is planned as an Ampere consumer card, the commonest 8-24 GB class
+    cc = gpu.compute_capability or (8, 6)
     if precision is None:
-        if gpu is None:
-            precision = "fp32"
-        else:
-            precision = "bf16" if gpu.bf16 else "fp16"
+        precision = "fp32" if host else ("bf16" if gpu.bf16 else "fp16")
     return StepConfig(
         method=method, quantization=quantization, precision=precision,
         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None,
-        max_grad_norm=max_grad_norm, compute_capability=cc, device="cuda" if gpu is not None else "cpu",
+        max_grad_norm=max_grad_norm, compute_capability=cc, device="cpu" if host else "cuda",
     )
 
 
@@ -597,7 +636,7 @@ def estimate(
     same components is returned and says so. Raises ``ConfigError``, ``ModelError`` or ``GpuError`` for bad input.
     """
     spec = models.resolve(model)
-    card = None if (isinstance(gpu, str) and gpu.lower() == "cpu") else gpus.resolve(gpu)
+    card = gpus.resolve(gpu)
     cfg = step_config(card, method=method, precision=precision, quantization=quantization,
                       gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, lora_r=lora_r,
                       lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
@@ -611,19 +650,13 @@ def estimate(
     except SimulationError as err:
         log.warning("%s; falling back to the analytic estimate", err)
         result = analytic(spec, cfg, batch_size=batch_size, seq_len=seq_len, reason=str(err))
-    return replace(result, gpu_name=card.name if card else "CPU (host memory)")
+    return replace(result, gpu_name=card.name)
 
 
 def simulate_point(spec: models.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_len: int,
                    expandable_segments: bool = False, progress: Callable[[str], None] | None = None) -> MemoryEstimate:
     """The estimate at one shape from simulations at that exact shape (two depths, extrapolated)."""
-    depths = simulated_depths(spec)
-    sims = []
-    for depth in depths:
-        if progress:
-            progress(f"simulating {spec.name} with {depth} of {spec.num_layers} layers")
-        sims.append(simulate.run(spec, cfg, batch_size=batch_size, seq_len=seq_len, num_layers=depth))
-    envelope = _fit_envelope(sims, spec, spec.num_layers)
+    depths, sims, envelope = _simulate_depths(spec, cfg, [(batch_size, seq_len)], progress)
     live, by_category, where = envelope.at(batch_size, seq_len)
     workspaces = _workspaces(cfg)
     over_live = {}

@@ -83,6 +83,14 @@ class ModelSpec:
         if self.non_layer_params + self.num_layers * self.layer_params != self.total_params:
             raise ValueError("total_params must equal non_layer_params + num_layers * layer_params")
 
+    @property
+    def fingerprint(self) -> str:
+        """A stable digest of the architecture (name and config), for caching simulations."""
+        import hashlib
+
+        text = self.name + self.config.to_json_string(use_diff=False)
+        return hashlib.sha1(text.encode()).hexdigest()[:16]
+
     def check_seq_len(self, seq_len: int) -> None:
         """Raises ConfigError when ``seq_len`` exceeds the model's positions."""
         if seq_len <= 0:
@@ -327,6 +335,9 @@ def count_params(
     """Exact parameter counts of ``spec`` as ``method`` loads it (full: fp32; lora: 16-bit base, fp32 adapters;
     quantized: linear layers in 4 or 8 bits, the rest fp32 as ``prepare_model_for_kbit_training`` leaves them)."""
     targets = tuple(lora_targets) if lora_targets else spec.lora_targets
+    key = (spec.fingerprint, method, quantization, half, lora_r, targets)
+    if key in _COUNTS:
+        return _COUNTS[key]
     per_depth = [_count_method(spec, n, method, quantization, half, lora_r, targets) for n in (1, 2)]
     depth = spec.num_layers
     merged: dict[str, int] = {}
@@ -335,7 +346,12 @@ def count_params(
         merged[key] = a + (b - a) * (depth - 1)
     total = per_depth[0][0] + (per_depth[1][0] - per_depth[0][0]) * (depth - 1)
     trainable = per_depth[0][1] + (per_depth[1][1] - per_depth[0][1]) * (depth - 1)
-    return ParamCounts(total=total, trainable=trainable, by_dtype=MappingProxyType({k: v for k, v in merged.items() if v}))
+    counts = ParamCounts(total=total, trainable=trainable, by_dtype=MappingProxyType({k: v for k, v in merged.items() if v}))
+    _COUNTS[key] = counts
+    return counts
+
+
+_COUNTS: dict[tuple, ParamCounts] = {}
 
 
 def _count_method(spec, num_layers, method, quantization, half, lora_r, targets) -> tuple[int, int, dict[str, int]]:

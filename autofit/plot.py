@@ -25,8 +25,8 @@ def batch_sweep(estimate: est.MemoryEstimate, path: str, *, gpu=None,
 
     spec = models.resolve(estimate.model_name)
     sm = est.StepModel(spec, estimate.config, seq_len=estimate.seq_len, progress=progress)
-    card = None if estimate.config.device == "cpu" else gpus.resolve(gpu)
-    limit = card.free_bytes if card else None
+    card = gpus.resolve("cpu" if estimate.config.device == "cpu" else gpu)
+    limit = card.free_bytes
     top = max(2 * estimate.batch_size, 8)
     if limit:
         while top < 4096 and est.from_step_model(sm, top, estimate.seq_len).required_bytes < limit:

@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -83,6 +84,14 @@ class StepConfig:
         if self.device == "cuda" and self.precision == "bf16" and self.compute_capability < (8, 0):
             raise ConfigError("bf16 needs compute capability 8.0 or newer; use --precision fp16 on this card")
 
+    @classmethod
+    def from_dict(cls, data: dict) -> "StepConfig":
+        data = dict(data)
+        data["compute_capability"] = tuple(data["compute_capability"])
+        if data.get("lora_targets") is not None:
+            data["lora_targets"] = tuple(data["lora_targets"])
+        return cls(**data)
+
     @property
     def half(self) -> torch.dtype:
         """The 16-bit dtype of the run (the autocast dtype; bf16 for fp32 runs' frozen weights too)."""
@@ -107,6 +116,7 @@ class Simulation:
     attention_kernels: tuple[str, ...]  # one per attention call, in order
     step_peaks: tuple[int, ...]  # peak live bytes within each step
     fake: bool
+    memo: dict = field(default_factory=dict, compare=False, repr=False)  # results derived from it (replays)
 
     def peak(self) -> int:
         return self.timeline.peak()
@@ -407,6 +417,164 @@ def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels) ->
         step_peaks=tuple(step_peaks),
         fake=fake,
     )
+
+
+# -- many simulations: cached, and spread over the machine's cores -------------------------------------------------------
+_CACHE: dict[tuple, Simulation] = {}
+_CACHE_SIZE = 256
+_POOL = None
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Job:
+    """One simulation to run: what ``run`` takes."""
+
+    spec: models.ModelSpec
+    cfg: StepConfig
+    batch_size: int
+    seq_len: int
+    num_layers: int
+
+
+def workers() -> int:
+    """Processes simulations run in: ``AUTOFIT_WORKERS``, else one per core up to 4 (1 where fork is unavailable)."""
+    import multiprocessing
+    import os
+
+    if "fork" not in multiprocessing.get_all_start_methods():
+        return 1
+    value = os.environ.get("AUTOFIT_WORKERS")
+    if value:
+        return max(1, int(value))
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+
+
+def _key(job: Job) -> tuple:
+    return (job.spec.fingerprint, job.cfg, job.batch_size, job.seq_len, job.num_layers)
+
+
+def _run_job(job: Job) -> Simulation:
+    return run(job.spec, job.cfg, batch_size=job.batch_size, seq_len=job.seq_len, num_layers=job.num_layers)
+
+
+def cache_dir():
+    """Where simulations are kept between runs: ``$AUTOFIT_CACHE/sims`` or ``~/.cache/autofit/sims``, one folder per
+    set of library versions (a new PyTorch or transformers can change a step). None when ``AUTOFIT_CACHE=off``."""
+    import hashlib
+    import os
+    from pathlib import Path
+
+    import peft
+    import transformers
+
+    from autofit import __version__
+
+    root = os.environ.get("AUTOFIT_CACHE")
+    if root is not None and root.lower() in ("off", "0", "no", "false", ""):
+        return None
+    base = Path(root) if root else Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "autofit"
+    versions = f"{__version__} {torch.__version__} {transformers.__version__} {peft.__version__}"
+    return base / "sims" / hashlib.sha1(versions.encode()).hexdigest()[:12]
+
+
+def _disk_path(job: Job):
+    folder = cache_dir()
+    if folder is None:
+        return None
+    import hashlib
+
+    return folder / (hashlib.sha1(repr(_key(job)).encode()).hexdigest()[:24] + ".npz")
+
+
+def _load(job: Job) -> Simulation | None:
+    path = _disk_path(job)
+    if path is None or not path.exists():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            meta = json.loads(str(f["meta"]))
+            timeline = Timeline(sizes=f["sizes"], tags=f["tags"], events=f["events"],
+                                marks=tuple((int(i), str(m)) for i, m in meta["marks"]), baseline=meta["baseline"],
+                                adopted=meta["adopted"], ops=tuple(meta["ops"]))
+            return Simulation(timeline=timeline, categories=f["categories"], phases=f["phases"], steps=f["steps"],
+                              num_layers=meta["num_layers"], batch_size=meta["batch_size"], seq_len=meta["seq_len"],
+                              attention_kernels=tuple(meta["kernels"]), step_peaks=tuple(meta["step_peaks"]),
+                              fake=True)
+    except Exception as err:  # a foreign or damaged file: ignore it, it will be rewritten
+        log.warning("ignoring unreadable cached simulation %s (%s)", path, err)
+        return None
+
+
+def _save(job: Job, sim: Simulation) -> None:
+    """Writes atomically: a temporary file renamed into place, so a cache file is never half-written."""
+    import os
+    import tempfile
+
+    path = _disk_path(job)
+    if path is None:
+        return
+    tl = sim.timeline
+    meta = dict(marks=list(tl.marks), baseline=tl.baseline, adopted=tl.adopted, ops=list(tl.ops),
+                num_layers=sim.num_layers, batch_size=sim.batch_size, seq_len=sim.seq_len,
+                kernels=list(sim.attention_kernels), step_peaks=list(sim.step_peaks))
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as fh:
+            np.savez_compressed(fh, sizes=tl.sizes, tags=tl.tags, events=tl.events, categories=sim.categories,
+                                phases=sim.phases, steps=sim.steps, meta=np.array(json.dumps(meta)))
+        os.replace(tmp, path)
+    except OSError as err:
+        log.warning("could not cache a simulation in %s (%s)", path.parent, err)
+
+
+def run_many(jobs: list[Job], progress=None) -> list[Simulation]:
+    """Runs ``jobs`` in order: from the in-process cache, the disk cache, or else in parallel worker processes
+    forked from this one."""
+    global _POOL
+    results: dict[int, Simulation] = {}
+    todo = []
+    for i, job in enumerate(jobs):
+        hit = _CACHE.get(_key(job)) or _load(job)
+        if hit is not None:
+            results[i] = _CACHE[_key(job)] = hit
+        else:
+            todo.append(i)
+    done = len(results)
+
+    def report():
+        if progress:
+            progress(f"simulating {jobs[0].spec.name}: {done}/{len(jobs)} steps")
+
+    report()
+    n = workers()
+    if len(todo) > 1 and n > 1:
+        import concurrent.futures
+        import multiprocessing
+
+        if _POOL is None:
+            _POOL = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
+        futures = {_POOL.submit(_run_job, replace(jobs[i], spec=replace(jobs[i].spec, module=None))): i
+                   for i in todo}
+        try:
+            for future in concurrent.futures.as_completed(futures):
+                results[futures[future]] = future.result()
+                done += 1
+                report()
+        except concurrent.futures.process.BrokenProcessPool:
+            _POOL = None
+            raise SimulationError("a simulation worker died; set AUTOFIT_WORKERS=1 to simulate in this process")
+    else:
+        for i in todo:
+            results[i] = _run_job(jobs[i])
+            done += 1
+            report()
+    for i in todo:
+        if len(_CACHE) >= _CACHE_SIZE:
+            _CACHE.pop(next(iter(_CACHE)))
+        _CACHE[_key(jobs[i])] = results[i]
+        _save(jobs[i], results[i])
+    return [results[i] for i in range(len(jobs))]
 
 
 def _enable_checkpointing(model: nn.Module) -> None:

@@ -56,3 +56,14 @@ def llama_spec():
     from autofit import model
 
     return model.resolve(tiny_llama())
+
+
+@pytest.fixture(autouse=True)
+def _no_disk_cache(monkeypatch, request):
+    """Tests simulate afresh (the simulation cache has its own test); one worker keeps tests deterministic in time."""
+    if "disk_cache" not in request.keywords:
+        monkeypatch.setenv("AUTOFIT_CACHE", "off")
+    monkeypatch.setenv("AUTOFIT_WORKERS", "1")
+    from autofit import simulate
+
+    simulate._CACHE.clear()

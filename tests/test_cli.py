@@ -69,3 +69,32 @@ def test_bad_input_prints_one_line_and_exits_2(capsys, argv, fragment):
 def test_no_command_prints_help(capsys):
     code, out, _ = run(capsys)
     assert code == 2 and "estimate" in out
+
+
+def test_probe_plans_for_a_named_card_and_writes_the_plan(capsys, tmp_path):
+    from autofit.planner import Plan
+
+    out = tmp_path / "plan.json"
+    code, text, _ = run(capsys, "probe", "distilgpt2", "--gpu", "rtx3060", "--seq-len", "256", "--out", str(out),
+                        "--quiet")
+    assert code == 0 and "micro-batch" in text and "why:" in text and "planned from the estimate" in text
+    plan = Plan.from_json(out.read_text())
+    assert plan.seq_len == 256 and plan.batch_size * plan.grad_accum == 16
+    code, text, _ = run(capsys, "probe", "distilgpt2", "--gpu", "rtx3060", "--seq-len", "256", "--json",
+                        "--effective-batch", "32")
+    data = json.loads(text)
+    assert data["effective_batch"] == 32 and data["source"] == "estimated"
+
+
+def test_probe_without_a_gpu_says_how_to_name_one(capsys):
+    code, out, err = run(capsys, "probe", "distilgpt2")
+    assert code == 2 and "--gpu" in err and "no CUDA GPU detected" in err
+
+
+def test_fit_table(capsys):
+    code, out, _ = run(capsys, "fit", "--gpu", "rtx4060-laptop", "--models", "distilgpt2,meta-llama/Llama-3.1-70B",
+                       "--seq-len", "256", "--quiet")
+    assert code == 0 and "distilgpt2" in out and "does not fit" in out
+    code, out, _ = run(capsys, "fit", "--gpu", "rtx4060-laptop", "--models", "distilgpt2", "--seq-len", "256", "--json")
+    rows = json.loads(out)
+    assert rows[0]["fits"] and rows[0]["method"] == "full"

@@ -33,7 +33,9 @@ def test_quantize_replaces_every_linear_but_the_head():
     assert replaced == 2 * 7  # q, k, v, o, gate, up, down per layer
     assert not kbit.is_quantized(model.lm_head)
     kbit.upcast_non_quantized(model)
-    assert {p.dtype for p in model.parameters()} == {torch.uint8, torch.float32}
+    assert model.model.norm.weight.dtype == torch.float32  # norms in fp32
+    assert model.lm_head.weight.dtype == model.model.embed_tokens.weight.dtype == torch.bfloat16  # 16-bit, as QLoRA
+    assert {p.dtype for p in model.parameters()} == {torch.uint8, torch.float32, torch.bfloat16}
     assert not any(p.requires_grad for p in model.parameters())
 
 

@@ -57,7 +57,11 @@ def test_qlora_counts_by_storage():
     assert counts.by_dtype["nf4"] == 6 * per_layer
     assert counts.total == spec.total_params + 147_456
     assert counts.trainable == 147_456
-    assert counts.by_dtype["float32"] == counts.total - 6 * per_layer  # the rest upcast to fp32
+    norms = 6 * 2 * 2 * 768 + 2 * 768  # ln_1, ln_2 per layer and ln_f, weight and bias: fp32 (QLoRA's recipe)
+    embeddings = 50257 * 768 + 1024 * 768  # stay 16-bit, as do the quantized layers' biases
+    biases = 6 * (2304 + 768 + 3072 + 768)
+    assert dict(counts.by_dtype) == {"nf4": 6 * per_layer, "float32": 147_456 + norms,
+                                     "bfloat16": embeddings + biases}
 
 
 def test_resolve_every_kind_of_reference(tmp_path, monkeypatch):
