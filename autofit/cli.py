@@ -126,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--margin", type=float, default=None, metavar="F",
                    help="share of the card's memory kept free (default: 0.05)")
     p.add_argument("--no-probe", action="store_true", help="plan from the estimate even when the card is present")
+    p.add_argument("--probe-on", metavar="cuda:N", default=None,
+                   help="probe on this device with its allocator capped at the planned card's budget, so a large "
+                   "card stands in for a smaller one (plan for --gpu rtx3060, probe on an 80 GB card)")
+    p.add_argument("--isolate", action="store_true", help="run every probe trial in a fresh process")
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached simulations and calibration")
     p.add_argument("--out", metavar="FILE", help="write the plan as JSON (Plan.from_json reads it back)")
     p.add_argument("--json", action="store_true")
@@ -140,6 +144,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--models", type=_csv, default=None, metavar="A,B", help="only these models")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_fit)
+
+    p = add("cache", help="the calibration and simulation cache: list it or clear it",
+            description="autofit keeps probe calibrations and probe studies in a SQLite database, and simulations "
+            "as files, under $AUTOFIT_CACHE or ~/.cache/autofit. AUTOFIT_CACHE=off (or --no-cache) keeps nothing.")
+    p.add_argument("action", choices=("list", "clear"))
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_cache)
 
     p = add("inspect", help="architecture and exact parameter counts of a model",
                        description="Resolve a model offline and count its parameters exactly, as a fine-tuning "
@@ -233,13 +244,21 @@ def _probe(args) -> int:
                            "with --gpu, e.g. autofit probe MODEL --gpu rtx3060 (autofit gpus lists the names)")
     progress = _Progress(not args.quiet and not args.json)
     kwargs = {} if args.margin is None else {"margin": args.margin}
+    stand_in = args.probe_on is not None
     result = planner.plan(
         args.model, args.gpu, seq_len=args.seq_len, effective_batch=args.effective_batch, method=args.method,
         dataset=args.data, quantization=args.quantization, precision=args.precision, lora_r=args.lora_r,
         lora_targets=args.lora_targets,
         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
-        probe=False if args.no_probe or args.gpu is not None and not str(args.gpu).startswith("cuda") else None,
-        progress=progress, **kwargs)
+        probe=False if stand_in or args.no_probe or args.gpu is not None and not str(args.gpu).startswith("cuda")
+        else None, progress=progress, **kwargs)
+    if stand_in:
+        from autofit import probing
+
+        index = gpus.resolve(args.probe_on).index
+        device = probing.CudaDevice(index=index, limit_bytes=result.budget_bytes - result.estimate.cuda_context)
+        result = probing.probe(result, device=device, isolate=args.isolate, use_cache=not args.no_cache,
+                               progress=progress)
     progress.done()
     if args.out:
         from autofit.files import write_atomic
@@ -281,6 +300,37 @@ def _fit(args) -> int:
                   f"{r['tokens_per_second']:>9,}")
         else:
             print(f"  {r['model']:<40} does not fit: {r['reason'].split(': ', 1)[-1]}")
+    return 0
+
+
+def _cache(args) -> int:
+    import shutil
+
+    from autofit import calibration, simulate
+
+    root = calibration.cache_root()
+    if root is None:
+        raise AutofitError("the cache is off (AUTOFIT_CACHE=off); unset it to use one")
+    store = calibration.Store()
+    sims = simulate.cache_dir()
+    sim_files = sorted(sims.glob("*.npz")) if sims and sims.exists() else []
+    if args.action == "clear":
+        n = store.clear()
+        if sims and sims.parent.exists():
+            shutil.rmtree(sims.parent)
+        print(f"cleared {n} calibration(s), the probe studies and {len(sim_files)} cached simulation(s) in {root}")
+        return 0
+    entries = store.entries()
+    if args.json:
+        _print_json({"path": str(store.path), "calibrations": entries, "simulations": len(sim_files)})
+        return 0
+    print(f"cache: {root}")
+    print(f"  {len(sim_files)} cached simulations ({sum(f.stat().st_size for f in sim_files) / 2**20:.1f} MiB)")
+    print(f"  {len(entries)} calibrations (measured / estimated peak reserved memory):")
+    for e in entries:
+        print(f"    {e['ratio']:.3f} x{e['samples']}  {e['model'].split('@')[0]} on {e['card']}: {e['method']}"
+              f"{'' if e['quantization'] == 'none' else ' ' + e['quantization']}, {e['precision']}, checkpointing "
+              f"{'on' if e['checkpointing'] else 'off'}, {e['optimizer']}")
     return 0
 
 

@@ -216,3 +216,48 @@ def use_bnb_lora_forward(model: nn.Module) -> None:
             module.forward = lora_forward_4bit.__get__(module)
         elif hasattr(module, "lora_A") and isinstance(base, Linear8bitLt):
             module.forward = lora_forward_8bit.__get__(module)
+
+
+def bitsandbytes_available() -> bool:
+    """Whether bitsandbytes imports here (it is an optional extra: ``pip install autofit[quant]``)."""
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # missing, or built for another CUDA
+        return False
+    return True
+
+
+def build_bnb_model(spec, cfg, device: str) -> nn.Module:
+    """The model ``cfg`` trains, with real bitsandbytes 4- or 8-bit layers on ``device``: random 16-bit weights made
+    on the host, every linear layer but the head swapped for bitsandbytes' and quantized as it moves to the device
+    (as ``from_pretrained(quantization_config=...)`` does), norms upcast, peft LoRA adapters on top."""
+    import bitsandbytes as bnb
+    from transformers import AutoModelForCausalLM
+
+    from autofit import model as models
+
+    with torch.device("cpu"):
+        model = AutoModelForCausalLM.from_config(spec.config, dtype=cfg.half)
+    head = model.get_output_embeddings()
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            shape = _linear_shape(child)
+            if shape is None or child is head:
+                continue
+            d_in, d_out, has_bias = shape
+            weight = child.weight.data if isinstance(child, nn.Linear) else child.weight.data.t().contiguous()
+            if cfg.quantization == "4bit":
+                new = bnb.nn.Linear4bit(d_in, d_out, bias=has_bias, compute_dtype=cfg.half, compress_statistics=True,
+                                        quant_type="nf4")
+                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+            else:
+                new = bnb.nn.Linear8bitLt(d_in, d_out, bias=has_bias, has_fp16_weights=False, threshold=6.0)
+                new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+            if has_bias:
+                new.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+            setattr(parent, name, new)
+    upcast_non_quantized(model)
+    model = model.to(device)
+    targets = cfg.lora_targets or spec.lora_targets
+    return models.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha or 2 * cfg.lora_r, dropout=cfg.lora_dropout,
+                             targets=targets, device=device)

@@ -99,6 +99,8 @@ class MemoryEstimate:
     gpu_name: str | None = None
     expandable_segments: bool = False
     notes: tuple[str, ...] = ()
+    eval_batch_size: int | None = None  # an evaluation pass of this batch after the steps is counted in the totals
+    eval_peak: int | None = None  # live bytes at the evaluation pass's peak
 
     def __post_init__(self) -> None:
         for name in ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "temporaries",
@@ -163,6 +165,9 @@ class MemoryEstimate:
         lines.append(f"  {'device total':<{width}}  {fmt_bytes(self.device_total):>12}   nvidia-smi")
         lines.append(f"  {'needs free':<{width}}  {fmt_bytes(self.required_bytes):>12}   "
                      "least free memory it runs in (the allocator releases cached blocks under pressure)")
+        if self.eval_peak is not None:
+            lines.append(f"  evaluation at batch {self.eval_batch_size}: peak {fmt_bytes(self.eval_peak)} of live "
+                         "tensors (counted in the totals)")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -234,6 +239,8 @@ def _blocks(sim: Simulation) -> dict[tuple[int, str, int], tuple[int, int]]:
     depth = sim.num_layers
     out = {}
     for step, m in by_step.items():
+        if "inputs" not in m:
+            continue  # the evaluation pass after the steps is not a training step
         needed = ["inputs", "end", "F0", f"E{depth - 1}", f"B{depth - 1}", "B0"]
         if any(k not in m for k in needed):
             raise SimulationError("the step's layer marks are incomplete; cannot extrapolate depth")
@@ -427,11 +434,15 @@ def simulated_depths(spec: models.ModelSpec, *, deep: bool = False) -> tuple[int
     return (spec.num_layers,) if spec.num_layers <= depths[1] else depths
 
 
-def _simulate_depths(spec, cfg, shapes, progress) -> tuple[tuple[int, ...], list[Simulation], "_Envelope"]:
-    """Simulations of ``shapes`` at the shallow depths, or the deep ones when the shallow fit cannot be made."""
+def _simulate_depths(spec, cfg, shapes, progress, eval_batch_size=None, eval_with_batch=False
+                     ) -> tuple[tuple[int, ...], list[Simulation], "_Envelope"]:
+    """Simulations of ``shapes`` at the shallow depths, or the deep ones when the shallow fit cannot be made; an
+    evaluation pass of ``eval_batch_size`` (or, with ``eval_with_batch``, of each shape's batch) follows the steps."""
     for deep in (False, True):
         depths = simulated_depths(spec, deep=deep)
-        jobs = [simulate.Job(spec=spec, cfg=cfg, batch_size=b, seq_len=s, num_layers=d) for d in depths for b, s in shapes]
+        jobs = [simulate.Job(spec=spec, cfg=cfg, batch_size=b, seq_len=s, num_layers=d,
+                             eval_batch_size=b if eval_with_batch else eval_batch_size)
+                for d in depths for b, s in shapes]
         sims = simulate.run_many(jobs, progress)
         try:
             return depths, sims, _fit_envelope(sims, spec, spec.num_layers)
@@ -454,7 +465,7 @@ class StepModel:
     """
 
     def __init__(self, spec: models.ModelSpec, cfg: StepConfig, *, seq_len: int | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+                 evaluate: bool = False, progress: Callable[[str], None] | None = None) -> None:
         self.spec, self.cfg, self.seq_len = spec, cfg, seq_len
         started = time.perf_counter()
         if seq_len is not None:
@@ -462,9 +473,10 @@ class StepModel:
             shapes = [(2, seq_len), (4, seq_len)]
         else:
             shapes = _fit_shapes(spec, "plain")
-        self.depths, sims, self.envelope = _simulate_depths(spec, cfg, shapes, progress)
+        self.depths, sims, self.envelope = _simulate_depths(spec, cfg, shapes, progress, eval_with_batch=evaluate)
+        self._eval_line = _fit_eval(sims, self.depths, spec) if evaluate and seq_len is not None else None
         self.workspaces = _workspaces(cfg)
-        self._margin_share = _fit_margin(sims, spec, self.workspaces)
+        self._margin_share = 0.0 if cfg.device == "cpu" else _fit_margin(sims, spec, self.workspaces)
         self.kernel = _kernel_name(sims[-1])
         self.build_seconds = time.perf_counter() - started
 
@@ -480,6 +492,15 @@ class StepModel:
         allocated, parts, _ = self.query(batch_size, seq_len)
         dynamic = allocated - self.workspaces - int(parts[simulate.WEIGHTS]) - int(parts[simulate.OPTIMIZER])
         return allocated + int(self._margin_share * max(0, dynamic))
+
+    def eval_need(self, eval_batch_size: int) -> int:
+        """Live bytes plus workspaces at the peak of an evaluation pass of ``eval_batch_size`` (fitted with
+        ``evaluate=True`` at a fixed sequence length), with the same cautious allocator margin as training."""
+        if self._eval_line is None:
+            raise ValueError("this StepModel was built without evaluate=True")
+        a, b = self._eval_line
+        live = a + b * eval_batch_size
+        return int(live * (1 + self._margin_share)) + self.workspaces
 
     def _seq(self, seq_len: int | None) -> int:
         if seq_len is None:
@@ -531,12 +552,39 @@ def _device_peak(sim: Simulation) -> int:
     return int(max(base, (base + np.cumsum(signed)).max()))
 
 
+def _eval_peak(sim: Simulation) -> int | None:
+    """Peak live device bytes during the evaluation pass after the steps, or None when there was none."""
+    if not sim.eval_batch_size:
+        return None
+    tl = sim.timeline
+    start = next(i for i, label in tl.marks if label.endswith(":eval"))
+    uids = np.where(tl.events >= 0, tl.events, -tl.events - 1)
+    on_device = sim.categories[uids] != HOST
+    signed = np.where(tl.events >= 0, tl.sizes[uids], -tl.sizes[uids]) * on_device
+    base = int(tl.sizes[: tl.adopted][sim.categories[: tl.adopted] != HOST].sum())
+    live = base + np.cumsum(signed)
+    before = live[start - 1] if start else base
+    return int(max(before, live[start:].max())) if start < len(live) else int(before)
+
+
 def _by_depth(values: dict[int, float], depths: tuple[int, ...], target: int) -> float:
     """Linear extrapolation in depth from the simulated depths."""
     if len(depths) == 1:
         return values[depths[0]]
     (d0, d1) = depths
     return values[d0] + (values[d1] - values[d0]) * (target - d0) / (d1 - d0)
+
+
+def _fit_eval(sims, depths, spec) -> tuple[float, float]:
+    """The evaluation peak as a line in the eval batch, per depth, extrapolated to the model's depth."""
+    lines = {}
+    for depth in depths:
+        points = sorted((s.eval_batch_size, _eval_peak(s)) for s in sims if s.num_layers == depth)
+        (b0, p0), (b1, p1) = points[0], points[-1]
+        slope = (p1 - p0) / (b1 - b0)
+        lines[depth] = (p0 - slope * b0, slope)
+    return (_by_depth({d: lines[d][0] for d in depths}, depths, spec.num_layers),
+            _by_depth({d: lines[d][1] for d in depths}, depths, spec.num_layers))
 
 
 def _fit_margin(sims, spec, workspaces) -> float:
@@ -654,28 +702,35 @@ def estimate(
 
 
 def simulate_point(spec: models.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_len: int,
-                   expandable_segments: bool = False, progress: Callable[[str], None] | None = None) -> MemoryEstimate:
-    """The estimate at one shape from simulations at that exact shape (two depths, extrapolated)."""
-    depths, sims, envelope = _simulate_depths(spec, cfg, [(batch_size, seq_len)], progress)
+                   eval_batch_size: int | None = None, expandable_segments: bool = False,
+                   progress: Callable[[str], None] | None = None) -> MemoryEstimate:
+    """The estimate at one shape from simulations at that exact shape (two depths, extrapolated); with
+    ``eval_batch_size``, an evaluation pass of that batch after the steps is simulated and counted too."""
+    depths, sims, envelope = _simulate_depths(spec, cfg, [(batch_size, seq_len)], progress, eval_batch_size)
     live, by_category, where = envelope.at(batch_size, seq_len)
     workspaces = _workspaces(cfg)
-    over_live = {}
-    for name, measure in (("allocated", lambda sim: _replay(sim, workspaces, expandable=expandable_segments).peak_allocated),
+    over_live = {"allocated": 0, "reserved": 0, "needed": 0}  # host memory has no caching allocator: live is all
+    for name, measure in () if cfg.device == "cpu" else (("allocated", lambda sim: _replay(sim, workspaces, expandable=expandable_segments).peak_allocated),
                           ("reserved", lambda sim: _replay(sim, workspaces, expandable=expandable_segments).peak_reserved),
                           ("needed", lambda sim: _min_reserved(sim, workspaces, expandable=expandable_segments))):
         values = {sim.num_layers: measure(sim) - (_device_peak(sim) + workspaces) for sim in sims}
         over_live[name] = max(0, int(round(_by_depth(values, depths, spec.num_layers))))
+    eval_peak = None
+    if eval_batch_size:
+        eval_peak = int(round(_by_depth({sim.num_layers: _eval_peak(sim) for sim in sims}, depths, spec.num_layers)))
     return _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces,
                      rounding=over_live["allocated"], reserved_margin=over_live["reserved"],
                      needed_margin=over_live["needed"], source="simulation", kernel=_kernel_name(sims[-1]),
-                     depths=depths, expandable=expandable_segments)
+                     depths=depths, expandable=expandable_segments, eval_batch_size=eval_batch_size,
+                     eval_peak=eval_peak)
 
 
 def _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces, *, rounding, reserved_margin,
-              needed_margin, source, kernel, depths, expandable=False, notes=()) -> MemoryEstimate:
+              needed_margin, source, kernel, depths, expandable=False, notes=(), eval_batch_size=None,
+              eval_peak=None) -> MemoryEstimate:
     parts = {name: int(by_category[i]) for i, name in enumerate(CATEGORY_NAMES) if i != HOST}
     tensors = sum(parts.values())
-    allocated = tensors + workspaces + rounding
+    allocated = max(tensors, eval_peak or 0) + workspaces + rounding
     reserved = max(allocated, tensors + workspaces + reserved_margin)
     needed = min(reserved, max(allocated, tensors + workspaces + needed_margin))
     context = CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0
@@ -689,7 +744,8 @@ def _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspac
         cuda_context=context, peak_allocated=allocated, min_reserved=needed, peak_reserved=reserved,
         device_total=reserved + context, where=where, source=source, attention_kernel=kernel,
         simulated_layers=tuple(depths), config=cfg, batch_size=batch_size, seq_len=seq_len, model_name=spec.name,
-        num_layers=spec.num_layers, expandable_segments=expandable, notes=notes,
+        num_layers=spec.num_layers, expandable_segments=expandable, notes=notes, eval_batch_size=eval_batch_size,
+        eval_peak=eval_peak,
     )
 
 

@@ -31,6 +31,7 @@ DEFAULT_SEQ_LEN = 1024
 MIN_SEQ_LEN = 64
 DEFAULT_MARGIN = 0.05  # share of the card kept free beyond the estimate
 USEFUL_BATCH = 4  # "auto" takes the strongest method that fits at least this many sequences per micro-batch
+CLOSE = 0.85  # alternatives within 15% of the chosen one's estimated speed are left for a probe to rank
 
 # -- the cost model -----------------------------------------------------------------------------------------------------
 # Model assumptions, not measurements (a probe on the card measures instead): dense matmuls reach MATMUL_EFFICIENCY of
@@ -126,7 +127,9 @@ class Plan:
     seq_len_source: str  # "user", "data" or "default"
     truncated_share: float | None = None
     expandable_segments: bool = False
+    alternatives: tuple[dict, ...] = ()  # close candidates a probe ranks by measured speed (config, batch, tokens/s)
     trials: tuple = ()  # probe trials, when probed
+    measured_reserved: int | None = None  # peak reserved bytes the probe measured at the chosen micro-batch
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1 or self.eval_batch_size < 1:
@@ -210,6 +213,7 @@ class Plan:
         out["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
         out["reasons"] = list(self.reasons)
         out["trials"] = [asdict(t) if hasattr(t, "__dataclass_fields__") else t for t in self.trials]
+        out["alternatives"] = list(self.alternatives)
         return out
 
     def to_json(self, **kwargs) -> str:
@@ -231,6 +235,7 @@ class Plan:
 
             trials = tuple(Trial.from_dict(t) for t in trials)
         data["trials"] = tuple(trials)
+        data["alternatives"] = tuple(data.get("alternatives") or ())
         return cls(**data)
 
     @classmethod
@@ -275,6 +280,7 @@ class Plan:
 class _Candidate:
     cfg: StepConfig
     step_model: memory.StepModel | None = None
+    eval_batch_size: int = 1
     max_batch: int = 0  # cautious: with the fast model's worst allocator margin
     upper: int = 0  # hard: the live tensors alone fit
     batch_size: int = 0
@@ -346,7 +352,8 @@ def plan(
     if not bases:
         raise _does_not_fit(spec, card, allowed, seq, knobs, seq_source)
     while True:
-        chosen = _search(spec, card, allowed, seq, target_batch, bases, method, checkpointing, reasons, progress)
+        seen: list[_Candidate] = []
+        chosen = _search(spec, card, allowed, seq, target_batch, bases, method, checkpointing, reasons, progress, seen)
         if chosen is not None:
             break
         if seq_source == "user" or seq <= MIN_SEQ_LEN:
@@ -362,7 +369,11 @@ def plan(
 
     cand = chosen
     estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress)
-    eval_batch = _eval_batch(estimate, cand, allowed)
+    alternatives = tuple(
+        dict(config={k: getattr(c.cfg, k) for k in c.cfg.__slots__}, batch_size=c.batch_size, grad_accum=c.grad_accum,
+             tokens_per_second=round(c.speed.tokens_per_second, 1))
+        for c in seen if c is not cand and c.speed.tokens_per_second >= CLOSE * cand.speed.tokens_per_second)
+    eval_batch = cand.eval_batch_size
     result = Plan(
         model_name=spec.name, gpu=card, method=cand.cfg.method, quantization=cand.cfg.quantization,
         precision=cand.cfg.precision, gradient_checkpointing=cand.cfg.gradient_checkpointing,
@@ -374,13 +385,13 @@ def plan(
         batch_size=cand.batch_size, grad_accum=cand.grad_accum, effective_batch=target_batch, seq_len=seq,
         eval_batch_size=eval_batch, budget_bytes=allowed, estimate=estimate,
         tokens_per_second=cand.speed.tokens_per_second, source="estimated", reasons=tuple(reasons),
-        seq_len_source=seq_source, truncated_share=truncated,
+        seq_len_source=seq_source, truncated_share=truncated, alternatives=alternatives,
     )
     use_probe = probe if probe is not None else (card.source in ("nvml", "torch") and _cuda_present(card))
     if use_probe:
         from autofit import probing
 
-        result = probing.probe(result, progress=progress)
+        result = probing.probe(result, spec=spec, progress=progress)
     return result
 
 
@@ -451,8 +462,9 @@ def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons
 
 
 def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpointing, reasons,
-            progress) -> _Candidate | None:
-    """The best candidate at sequence length ``seq``, or None when nothing fits. Adds reasons as it decides."""
+            progress, seen: list | None = None) -> _Candidate | None:
+    """The best candidate at sequence length ``seq``, or None when nothing fits. Adds reasons as it decides; every
+    candidate that fits is appended to ``seen``."""
     found: list[_Candidate] = []
     for base in bases:
         method = base.method
@@ -467,6 +479,8 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
             if cand.max_batch == 0:
                 continue
             per_method.append(cand)
+            if seen is not None:
+                seen.append(cand)
             # checkpointing only pays when it lets a bigger micro-batch in; skip it when this one takes the whole batch
             if not ckpt and cand.batch_size == target_batch and len(checkpointing) > 1:
                 reasons.append("gradient checkpointing off: the whole effective batch fits in one micro-batch without it")
@@ -520,7 +534,7 @@ def _size(spec, cfg, card, allowed, seq, target_batch, progress) -> _Candidate:
     and errs high (``max_batch``).
     """
     cand = _Candidate(cfg=cfg)
-    sm = memory.StepModel(spec, cfg, seq_len=seq, progress=progress)
+    sm = memory.StepModel(spec, cfg, seq_len=seq, evaluate=True, progress=progress)
     cand.step_model = sm
     context = memory.CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0
 
@@ -551,9 +565,20 @@ def _size(spec, cfg, card, allowed, seq, target_batch, progress) -> _Candidate:
     return cand
 
 
-def _exact(spec, cfg, card, batch_size, seq, progress) -> MemoryEstimate:
-    est = memory.simulate_point(spec, cfg, batch_size=batch_size, seq_len=seq, progress=progress)
+def _exact(spec, cfg, card, batch_size, seq, progress, eval_batch_size=None) -> MemoryEstimate:
+    est = memory.simulate_point(spec, cfg, batch_size=batch_size, seq_len=seq, eval_batch_size=eval_batch_size,
+                                progress=progress)
     return replace(est, gpu_name=card.name)
+
+
+def _eval_batch(cand: _Candidate, allowed: int, target_batch: int) -> int:
+    """The largest evaluation batch (up to twice the effective batch, at most 64) the fast model fits, at least 1."""
+    context = memory.CUDA_CONTEXT_BYTES if cand.cfg.device == "cuda" else 0
+    best = 1
+    for b in range(1, min(64, 2 * target_batch) + 1):
+        if cand.step_model.eval_need(b) + context <= allowed:
+            best = b
+    return best
 
 
 def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, progress) -> MemoryEstimate:
@@ -561,11 +586,28 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
     between the fast model's cautious bound and its hard upper bound."""
     divisors = [d for d in range(1, target_batch + 1) if target_batch % d == 0]
     tried: dict[int, MemoryEstimate] = {}
+    cand.eval_batch_size = _eval_batch(cand, allowed, target_batch)
+
+    ratio, samples = _calibration(spec, cand.cfg, card)
+    if samples:
+        reasons.append(f"estimates scaled by {ratio:.3f}: measured over estimated memory in {samples} earlier "
+                       f"probe trial{'s' if samples != 1 else ''} of this configuration on {card.name}")
+
+    def need(est: MemoryEstimate) -> int:
+        return int(est.min_reserved * ratio) + est.cuda_context
 
     def fits(b: int) -> bool:
         if b not in tried:
-            tried[b] = _exact(spec, cand.cfg, card, b, seq, progress)
-        return tried[b].required_bytes <= allowed
+            while True:
+                est = _exact(spec, cand.cfg, card, b, seq, progress, cand.eval_batch_size)
+                # when the evaluation pass is what does not fit, shrink it rather than the training batch
+                if (need(est) > allowed and cand.eval_batch_size > 1 and est.eval_peak is not None
+                        and est.eval_peak >= _tensors(est)):
+                    cand.eval_batch_size //= 2
+                    continue
+                tried[b] = est
+                break
+        return need(tried[b]) <= allowed
 
     # divisors above the cautious choice that the hard bound still allows, smallest first
     above = [d for d in divisors if cand.batch_size < d <= cand.upper]
@@ -588,11 +630,11 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
             if fits(d):
                 chosen = d
                 break
-        reasons.append(f"micro-batch {cand.batch_size} needs {fmt_bytes(tried[cand.batch_size].required_bytes)} when "
+        reasons.append(f"micro-batch {cand.batch_size} needs {fmt_bytes(need(tried[cand.batch_size]))} when "
                        f"simulated exactly; stepped down to {chosen}")
     if chosen is None:
         raise DoesNotFitError(f"{spec.name} does not fit {card.name} at batch 1 x {seq} tokens: it needs "
-                              f"{fmt_bytes(tried[1].required_bytes)}, the budget is {fmt_bytes(allowed)}")
+                              f"{fmt_bytes(need(tried[1]))}, the budget is {fmt_bytes(allowed)}")
     estimate = tried[chosen]
     cand.batch_size, cand.grad_accum = chosen, target_batch // chosen
     cand.speed = throughput(spec, cand.cfg, card, batch_size=chosen, seq_len=seq, grad_accum=cand.grad_accum,
@@ -605,7 +647,7 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
                next_up and next_up > cand.upper else "larger micro-batches do not fit")
         reasons.append(f"micro-batch {chosen} x {chosen and cand.grad_accum} accumulation = effective batch "
                        f"{target_batch}; bound by memory ({why}; micro-batches divide the effective batch exactly)")
-    headroom = allowed - estimate.required_bytes
+    headroom = allowed - need(estimate)
     reasons.append(f"headroom {fmt_bytes(headroom)} ({headroom / allowed:.0%} of the budget); peak at "
                    f"{estimate.where}")
     reasons.append(f"precision {cand.cfg.precision}"
@@ -614,13 +656,28 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
     return estimate
 
 
-def _eval_batch(estimate: MemoryEstimate, cand: _Candidate, allowed: int) -> int:
-    """Evaluation keeps no activations for backward and no gradients, but the model, the optimizer state and the
-    logits chain stay: scale the logits term (per sample) into the space training's activations leave."""
-    per_sample_logits = max(1, estimate.logits_and_loss // max(1, cand.batch_size))
-    room = allowed - estimate.cuda_context - estimate.workspaces - estimate.weights - estimate.optimizer_state
-    fit = int(room * 0.8 // per_sample_logits)
-    return max(1, min(fit, 2 * cand.batch_size * cand.grad_accum, 256))
+def _calibration(spec, cfg: StepConfig, card) -> tuple[float, int]:
+    """(measured over estimated ratio, trials behind it) from earlier probes of this configuration on this card."""
+    from autofit import calibration
+
+    if calibration.cache_root() is None:
+        return 1.0, 0
+    try:
+        store = calibration.Store()
+        key = calibration.Key(model=f"{spec.name}@{spec.fingerprint}", card=card.name, method=cfg.method,
+                              quantization=cfg.quantization, precision=cfg.precision,
+                              checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
+                              versions=calibration.versions())
+        found = store.ratio(key)
+        store.close()
+    except Exception as err:  # an unusable cache never stops a plan
+        log.warning("calibration unavailable (%s)", err)
+        return 1.0, 0
+    return found if found else (1.0, 0)
+
+
+def _tensors(est: MemoryEstimate) -> int:
+    return est.weights + est.gradients + est.optimizer_state + est.activations + est.logits_and_loss + est.temporaries
 
 
 def _does_not_fit(spec, card, allowed, seq, knobs, seq_source) -> DoesNotFitError:

@@ -44,7 +44,7 @@ WEIGHTS, GRADIENTS, OPTIMIZER, ACTIVATIONS, LOGITS, TEMPORARIES, HOST = range(7)
 CATEGORY_NAMES = ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "temporaries", "host")
 
 # Phase codes stamped on allocations (tag = 10 * step + phase).
-SETUP, INPUTS, FORWARD, HEAD, BACKWARD, OPTIMIZE = range(6)
+SETUP, INPUTS, FORWARD, HEAD, BACKWARD, OPTIMIZE, EVAL = range(7)
 
 _HALF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -116,6 +116,8 @@ class Simulation:
     attention_kernels: tuple[str, ...]  # one per attention call, in order
     step_peaks: tuple[int, ...]  # peak live bytes within each step
     fake: bool
+    eval_batch_size: int | None = None
+    eval_peak: int | None = None  # peak live bytes during the evaluation pass after the steps
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # results derived from it (replays)
 
     def peak(self) -> int:
@@ -285,49 +287,86 @@ def _set_phase(tracker: Tracker, recorder: _Recorder, step: int, phase: int, lab
     tracker.mark(f"{step}:{label}")
 
 
-def _train_step(model, optimizer, params, cfg, autocast, tracker, recorder, step, batch_size, seq_len, vocab,
-                grad_uids):
-    _set_phase(tracker, recorder, step, INPUTS, "inputs")
-    # the batch a data collator hands over: ids, an all-ones attention mask and labels, moved to the device
-    input_ids = torch.randint(0, vocab, (batch_size, seq_len))
-    attention_mask = torch.ones((batch_size, seq_len), dtype=torch.long)
-    labels = input_ids.clone()
-    num_items = torch.tensor(batch_size * seq_len)
-    _set_phase(tracker, recorder, step, FORWARD, "forward")
-    # An all-ones mask is what the model sees; transformers reads it and, finding no padding, drops it. The
-    # simulation passes None, the same decision without reading fake data.
-    kwargs = dict(input_ids=input_ids, labels=labels, num_items_in_batch=num_items)
+def make_batch(batch_size: int, seq_len: int, vocab: int, device=None) -> dict:
+    """The batch a language-modelling collator hands a Trainer: ids, an all-ones attention mask, labels, and the
+    count of label tokens the Trainer passes as ``num_items_in_batch``; random ids are as good as text for memory."""
+    input_ids = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+    return dict(input_ids=input_ids, attention_mask=torch.ones((batch_size, seq_len), dtype=torch.long, device=device),
+                labels=input_ids.clone(), num_items_in_batch=torch.tensor(batch_size * seq_len, device=device))
+
+
+def _model_inputs(batch: dict) -> dict:
+    # An all-ones mask is what a model sees; transformers reads it and, finding no padding, drops it. The step passes
+    # None instead: the same decision, without reading (fake) data and without a host sync on a real device.
+    return {k: batch[k] for k in ("input_ids", "labels", "num_items_in_batch")}
+
+
+def _no_mark(phase: int, label: str) -> None:
+    pass
+
+
+def train_step(model, optimizer, params, cfg: StepConfig, batch: dict, autocast, mark=_no_mark,
+               on_grads=None) -> None:
+    """One step of ``transformers.Trainer`` with accelerate: the forward under autocast with 16-bit outputs
+    converted to fp32, loss, backward (scaled for fp16), unscale and clip, optimizer step, ``zero_grad``.
+    ``autocast.region(dtype)`` opens an autocast region; ``mark(phase, label)`` is told when each phase starts;
+    ``on_grads(grads)`` sees the gradients before the optimizer steps."""
+    mark(FORWARD, "forward")
     if cfg.precision == "fp32":
-        outputs = model(**kwargs)
+        outputs = model(**_model_inputs(batch))
     else:
         with autocast.region(cfg.half):
-            outputs = model(**kwargs)
+            outputs = model(**_model_inputs(batch))
         # accelerate's convert_outputs_to_fp32: 16-bit outputs (the logits) come back as fp32 copies
-        _set_phase(tracker, recorder, step, HEAD, "outputs")
+        mark(HEAD, "outputs")
         logits32 = outputs.logits.float() if outputs.logits.dtype != torch.float32 else outputs.logits
         del logits32
     loss = outputs.loss
     del outputs
-    _set_phase(tracker, recorder, step, BACKWARD, "backward")
+    mark(BACKWARD, "backward")
     if cfg.precision == "fp16":
-        scale = torch.full((), 65536.0)
+        scale = torch.full((), 65536.0, device=loss.device)
         (loss * scale).backward()
     else:
         loss.backward()
     del loss
-    _set_phase(tracker, recorder, step, OPTIMIZE, "optimizer")
+    mark(OPTIMIZE, "optimizer")
     grads = [p.grad for p in params if p.grad is not None]
-    grad_uids.update(tracker.uid(g) for g in grads)
+    if on_grads is not None:
+        on_grads(grads)
     if cfg.precision == "fp16":
-        found_inf = torch.zeros(())
-        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.full((), 1.0 / 65536.0))
+        found_inf = torch.zeros((), device=grads[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.full((), 1.0 / 65536.0,
+                                                                                      device=grads[0].device))
         del found_inf
     if cfg.max_grad_norm:
         _clip_grad_norm(grads, cfg.max_grad_norm)
     del grads
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    del input_ids, attention_mask, labels, num_items
+
+
+def eval_step(model, cfg: StepConfig, batch: dict, autocast) -> None:
+    """An evaluation forward pass as the Trainer runs it: no gradients, autocast, fp32 logits, the loss."""
+    with torch.no_grad():
+        if cfg.precision == "fp32":
+            outputs = model(**_model_inputs(batch))
+        else:
+            with autocast.region(cfg.half):
+                outputs = model(**_model_inputs(batch))
+            logits32 = outputs.logits.float() if outputs.logits.dtype != torch.float32 else outputs.logits
+            del logits32
+        del outputs
+
+
+def _traced_step(model, optimizer, params, cfg, autocast, tracker, recorder, step, batch_size, seq_len, vocab,
+                 grad_uids):
+    _set_phase(tracker, recorder, step, INPUTS, "inputs")
+    batch = make_batch(batch_size, seq_len, vocab)
+    train_step(model, optimizer, params, cfg, batch, autocast,
+               mark=lambda phase, label: _set_phase(tracker, recorder, step, phase, label),
+               on_grads=lambda grads: grad_uids.update(tracker.uid(g) for g in grads))
+    del batch
     tracker.mark(f"{step}:end")
 
 
@@ -342,6 +381,7 @@ def run(
     fake: bool = True,
     budget: int | None = None,
     seed: int = 0,
+    eval_batch_size: int | None = None,
 ) -> Simulation:
     """Runs ``steps`` training steps of ``spec`` (cut to ``num_layers`` layers) and records every allocation.
 
@@ -356,7 +396,7 @@ def run(
     torch.manual_seed(seed)
     kernels: list[str] = []
     with _quiet_transformers():
-        return _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels)
+        return _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels, eval_batch_size)
 
 
 @contextlib.contextmanager
@@ -372,7 +412,7 @@ def _quiet_transformers() -> Iterator[None]:
         hf_logging.set_verbosity(level)
 
 
-def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels) -> Simulation:
+def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels, eval_batch_size) -> Simulation:
     model = build_model(spec, cfg, depth, device="meta" if fake else "cpu")
     with contextlib.ExitStack() as stack:
         autocast = stack.enter_context(imitate_cuda(cfg, kernels))
@@ -394,9 +434,20 @@ def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels) ->
                 warnings.simplefilter("ignore")
                 for step in range(1, steps + 1):
                     tracker.reset_peak()
-                    _train_step(model, optimizer, params, cfg, autocast, tracker, recorder, step,
-                                batch_size, seq_len, spec.vocab_size, grad_uids)
+                    _traced_step(model, optimizer, params, cfg, autocast, tracker, recorder, step,
+                                 batch_size, seq_len, spec.vocab_size, grad_uids)
                     step_peaks.append(tracker.peak)
+                eval_peak = None
+                if eval_batch_size:
+                    # the Trainer evaluates between steps: optimizer state alive, gradients already released
+                    model.eval()
+                    tracker.tag = 10 * (steps + 1) + EVAL
+                    tracker.mark(f"{steps + 1}:eval")
+                    tracker.reset_peak()
+                    batch = make_batch(eval_batch_size, seq_len, spec.vocab_size)
+                    eval_step(model, cfg, batch, autocast)
+                    del batch
+                    eval_peak = tracker.peak
         except torch.OutOfMemoryError:
             raise
         except Exception as err:
@@ -416,6 +467,8 @@ def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels) ->
         attention_kernels=tuple(kernels),
         step_peaks=tuple(step_peaks),
         fake=fake,
+        eval_batch_size=eval_batch_size,
+        eval_peak=eval_peak,
     )
 
 
@@ -434,6 +487,7 @@ class Job:
     batch_size: int
     seq_len: int
     num_layers: int
+    eval_batch_size: int | None = None
 
 
 def workers() -> int:
@@ -450,11 +504,12 @@ def workers() -> int:
 
 
 def _key(job: Job) -> tuple:
-    return (job.spec.fingerprint, job.cfg, job.batch_size, job.seq_len, job.num_layers)
+    return (job.spec.fingerprint, job.cfg, job.batch_size, job.seq_len, job.num_layers, job.eval_batch_size)
 
 
 def _run_job(job: Job) -> Simulation:
-    return run(job.spec, job.cfg, batch_size=job.batch_size, seq_len=job.seq_len, num_layers=job.num_layers)
+    return run(job.spec, job.cfg, batch_size=job.batch_size, seq_len=job.seq_len, num_layers=job.num_layers,
+               eval_batch_size=job.eval_batch_size)
 
 
 def cache_dir():
@@ -499,7 +554,8 @@ def _load(job: Job) -> Simulation | None:
             return Simulation(timeline=timeline, categories=f["categories"], phases=f["phases"], steps=f["steps"],
                               num_layers=meta["num_layers"], batch_size=meta["batch_size"], seq_len=meta["seq_len"],
                               attention_kernels=tuple(meta["kernels"]), step_peaks=tuple(meta["step_peaks"]),
-                              fake=True)
+                              fake=True, eval_batch_size=meta.get("eval_batch_size"),
+                              eval_peak=meta.get("eval_peak"))
     except Exception as err:  # a foreign or damaged file: ignore it, it will be rewritten
         log.warning("ignoring unreadable cached simulation %s (%s)", path, err)
         return None
@@ -516,7 +572,8 @@ def _save(job: Job, sim: Simulation) -> None:
     tl = sim.timeline
     meta = dict(marks=list(tl.marks), baseline=tl.baseline, adopted=tl.adopted, ops=list(tl.ops),
                 num_layers=sim.num_layers, batch_size=sim.batch_size, seq_len=sim.seq_len,
-                kernels=list(sim.attention_kernels), step_peaks=list(sim.step_peaks))
+                kernels=list(sim.attention_kernels), step_peaks=list(sim.step_peaks),
+                eval_batch_size=sim.eval_batch_size, eval_peak=sim.eval_peak)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

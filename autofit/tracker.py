@@ -103,7 +103,7 @@ class Tracker(TorchDispatchMode):
         nbytes = round_bytes(storage.nbytes())
         if event and self.budget is not None and self.live + nbytes > self.budget:
             raise torch.OutOfMemoryError(
-                f"budgeted device out of memory: tried to allocate {nbytes} bytes with {self.live} of "
+                f"budgeted device out of memory. Tried to allocate {nbytes} bytes with {self.live} of "
                 f"{self.budget} bytes in use"
             )
         uid = len(self._sizes)

@@ -1,0 +1,531 @@
+"""Probing: real trial steps on the card confirm a plan, OOM-safe, and calibrate the estimate.
+
+``probe(plan)`` starts from the estimate's micro-batch and brackets it: a larger micro-batch is tried only when the
+estimate, calibrated by what the card has measured, puts it within 5% of the budget (DeepSpeed's autotuner tries
+0.95/1.0/1.05 of its estimate), a smaller one only after an out-of-memory error, bisecting between. A trial is real:
+a model of the same architecture and method with random weights (the user's model is never touched), at least two
+training steps of the plan's exact step on a batch of the full length, and an evaluation forward pass; peak
+statistics are reset before and read after, so a passing trial measures its headroom. Each trial is an immutable
+``Trial``. After an out-of-memory error everything the trial held is released and allocated memory must be back at
+its level before the trial; if it is not, the next trials run in fresh processes (``isolate=True`` runs every trial
+that way). When the plan leaves close alternatives (checkpointing on or off, LoRA or QLoRA), they are ranked by
+measured tokens per second in an Optuna study stored beside the calibration, so an interrupted probe resumes.
+
+Two devices run trials: ``CudaDevice`` (optionally capped with ``set_per_process_memory_fraction`` to stand in for a
+smaller card) and ``BudgetedCpuDevice``, real CPU tensors under a byte budget enforced by the allocation tracker,
+which lets the whole probe run for real without a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import time
+import traceback
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+
+import torch
+
+from autofit import calibration, memory, simulate
+from autofit import model as models
+from autofit.errors import ProbeError
+from autofit.simulate import StepConfig
+from autofit.tracker import Tracker
+from autofit.units import fmt_bytes
+
+log = logging.getLogger(__name__)
+
+# Messages other backends use for out-of-memory errors that are not torch.OutOfMemoryError
+_OOM_MESSAGES = ("out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
+                 "can't allocate memory", "not enough memory", "Failed to allocate")
+BRACKET = 0.05  # try sizes whose calibrated estimate is within 5% of the limit
+
+
+def is_oom(err: BaseException) -> bool:
+    """Whether ``err`` is running out of device memory: by type first, then by message for other backends."""
+    if isinstance(err, torch.OutOfMemoryError):
+        return True
+    return isinstance(err, RuntimeError) and any(m in str(err) for m in _OOM_MESSAGES)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Trial:
+    """One trial on the device: its knobs, what happened, what it measured."""
+
+    number: int
+    batch_size: int
+    seq_len: int
+    method: str
+    quantization: str
+    precision: str
+    gradient_checkpointing: bool
+    optimizer: str
+    eval_batch_size: int | None
+    outcome: str  # "fits" or "oom"
+    peak_allocated: int | None
+    peak_reserved: int | None
+    predicted_reserved: int  # the estimate's min_reserved for these knobs, before calibration
+    limit_bytes: int | None  # what the allocator was allowed
+    seconds: float  # wall time of the whole trial
+    step_seconds: float | None  # the last training step, after warm-up
+    tokens_per_second: float | None
+    memory_returned: bool  # allocated memory back at its level before the trial
+    isolated: bool  # ran in its own process
+    note: str = ""
+
+    @property
+    def fits(self) -> bool:
+        return self.outcome == "fits"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Trial":
+        return cls(**data)
+
+    def line(self) -> str:
+        knobs = f"batch {self.batch_size} x {self.seq_len}"
+        if not self.fits:
+            return f"trial {self.number}: {knobs}: out of memory ({self.seconds:.1f}s)"
+        return (f"trial {self.number}: {knobs}: fits, peak reserved {fmt_bytes(self.peak_reserved)} (estimate "
+                f"{fmt_bytes(self.predicted_reserved)}), {self.tokens_per_second:,.0f} tokens/s ({self.seconds:.1f}s)")
+
+
+# -- devices --------------------------------------------------------------------------------------------------------
+class _CudaAutocast:
+    @staticmethod
+    def region(dtype):
+        return torch.autocast("cuda", dtype=dtype)
+
+
+class _CpuAutocast:
+    @staticmethod
+    def region(dtype):
+        return torch.autocast("cpu", dtype=dtype)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class CudaDevice:
+    """A CUDA card; with ``limit_bytes`` the caching allocator is capped there (``set_per_process_memory_fraction``),
+    so a large card stands in for a smaller one."""
+
+    index: int = 0
+    limit_bytes: int | None = None
+
+    @property
+    def name(self) -> str:
+        return torch.cuda.get_device_name(self.index)
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        if self.limit_bytes is None:
+            yield
+            return
+        total = torch.cuda.get_device_properties(self.index).total_memory
+        torch.cuda.set_per_process_memory_fraction(min(1.0, self.limit_bytes / total), self.index)
+        try:
+            yield
+        finally:
+            torch.cuda.set_per_process_memory_fraction(1.0, self.index)
+
+    def build(self, spec: models.ModelSpec, cfg: StepConfig) -> torch.nn.Module:
+        from autofit import kbit
+
+        device = f"cuda:{self.index}"
+        if cfg.quantization != "none" and kbit.bitsandbytes_available():
+            model = kbit.build_bnb_model(spec, cfg, device)
+        else:
+            model = simulate.build_model(spec, cfg, spec.num_layers, device=device)
+        return model
+
+    def autocast(self):
+        return _CudaAutocast
+
+    def reset(self) -> None:
+        torch.cuda.synchronize(self.index)
+        torch.cuda.reset_peak_memory_stats(self.index)
+
+    def peaks(self) -> tuple[int, int]:
+        torch.cuda.synchronize(self.index)
+        return torch.cuda.max_memory_allocated(self.index), torch.cuda.max_memory_reserved(self.index)
+
+    def allocated(self) -> int:
+        return torch.cuda.memory_allocated(self.index)
+
+    def cleanup(self) -> None:
+        gc.collect()
+        torch.cuda.synchronize(self.index)
+        torch.cuda.empty_cache()
+
+    def sync(self) -> None:
+        torch.cuda.synchronize(self.index)
+
+    @property
+    def torch_device(self) -> str:
+        return f"cuda:{self.index}"
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class BudgetedCpuDevice:
+    """Real CPU tensors under ``budget_bytes``: the allocation tracker raises ``torch.OutOfMemoryError`` when live
+    memory would pass it, as a full GPU does. Allocated and reserved are the same here (no caching allocator)."""
+
+    budget_bytes: int
+
+    name = "budgeted CPU device"
+    limit_bytes = None
+    torch_device = "cpu"
+
+    @contextlib.contextmanager
+    def session(self) -> Iterator[None]:
+        tracker = Tracker(budget=self.budget_bytes)
+        _CPU_TRACKERS.append(tracker)
+        try:
+            with tracker:
+                yield
+        finally:
+            _CPU_TRACKERS.remove(tracker)
+
+    @property
+    def _tracker(self) -> Tracker:
+        if not _CPU_TRACKERS:
+            raise ProbeError("the budgeted CPU device is used outside its session")
+        return _CPU_TRACKERS[-1]
+
+    def build(self, spec: models.ModelSpec, cfg: StepConfig) -> torch.nn.Module:
+        return simulate.build_model(spec, cfg, spec.num_layers, device="cpu")
+
+    def autocast(self):
+        return _CpuAutocast
+
+    def reset(self) -> None:
+        self._tracker.reset_peak()
+
+    def peaks(self) -> tuple[int, int]:
+        return self._tracker.peak, self._tracker.peak
+
+    def allocated(self) -> int:
+        return self._tracker.live if _CPU_TRACKERS else 0
+
+    def cleanup(self) -> None:
+        gc.collect()
+
+    def sync(self) -> None:
+        pass
+
+
+_CPU_TRACKERS: list[Tracker] = []
+
+
+# -- one trial ------------------------------------------------------------------------------------------------------
+def run_trial(spec: models.ModelSpec, cfg: StepConfig, device, *, batch_size: int, seq_len: int,
+              eval_batch_size: int | None = None, steps: int = 2, number: int = 1, predicted: int = 0) -> Trial:
+    """Builds a fresh model of ``spec`` as ``cfg`` trains it on ``device`` and runs ``steps`` training steps of
+    ``batch_size`` x ``seq_len`` and, with ``eval_batch_size``, an evaluation forward pass. Out-of-memory errors end
+    the trial as ``outcome="oom"``; any other error propagates unchanged."""
+    started = time.perf_counter()
+    outcome, note, peaks, step_seconds = "fits", "", (None, None), None
+    with device.session():
+        device.cleanup()
+        baseline = device.allocated()
+        device.reset()
+        try:
+            step_seconds = _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps)
+            peaks = device.peaks()
+        except BaseException as err:  # noqa: BLE001 - re-raised unless it is running out of memory
+            if not is_oom(err):
+                raise
+            outcome, note = "oom", str(err).splitlines()[0][:200]
+            traceback.clear_frames(err.__traceback__)  # the frames hold the trial's tensors: let them go
+            del err
+        device.cleanup()
+        returned = device.allocated() <= baseline
+    tokens = batch_size * seq_len / step_seconds if step_seconds else None
+    return Trial(number=number, batch_size=batch_size, seq_len=seq_len, method=cfg.method,
+                 quantization=cfg.quantization, precision=cfg.precision,
+                 gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
+                 eval_batch_size=eval_batch_size, outcome=outcome, peak_allocated=peaks[0], peak_reserved=peaks[1],
+                 predicted_reserved=predicted, limit_bytes=getattr(device, "limit_bytes", None) or
+                 getattr(device, "budget_bytes", None), seconds=time.perf_counter() - started,
+                 step_seconds=step_seconds, tokens_per_second=tokens, memory_returned=returned, isolated=False,
+                 note=note)
+
+
+def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps) -> float:
+    """The body of a trial; every tensor it makes is local, so returning or raising frees them."""
+    model = device.build(spec, cfg)
+    model.train()
+    if cfg.gradient_checkpointing:
+        simulate._enable_checkpointing(model)
+    params = [p for p in models.unique_params(model) if p.requires_grad]
+    optimizer = simulate.make_optimizer(params, cfg.optimizer) if cfg.optimizer != "adamw_8bit" else \
+        _bnb_or_simulated_adam8bit(params)
+    autocast = device.autocast()
+    last = None
+    for _ in range(steps):
+        batch = simulate.make_batch(batch_size, seq_len, spec.vocab_size, device=device.torch_device)
+        device.sync()
+        started = time.perf_counter()
+        simulate.train_step(model, optimizer, params, cfg, batch, autocast)
+        device.sync()
+        last = time.perf_counter() - started
+        del batch
+    if eval_batch_size:
+        model.eval()
+        batch = simulate.make_batch(eval_batch_size, seq_len, spec.vocab_size, device=device.torch_device)
+        simulate.eval_step(model, cfg, batch, autocast)
+        del batch
+    return last
+
+
+def _bnb_or_simulated_adam8bit(params):
+    try:
+        import bitsandbytes as bnb
+
+        return bnb.optim.AdamW8bit(params, lr=1e-4)
+    except ImportError:
+        return simulate.Adam8bit(params)
+
+
+# -- subprocess isolation -----------------------------------------------------------------------------------------------
+def _isolated_trial(job: dict) -> dict:
+    return replace(run_trial(**job), isolated=True).to_dict()
+
+
+def run_trial_isolated(spec, cfg, device, **kwargs) -> Trial:
+    """``run_trial`` in a fresh process (spawned, so with its own CUDA context): nothing can leak into this one."""
+    import concurrent.futures
+    import multiprocessing
+
+    job = dict(spec=replace(spec, module=None), cfg=cfg, device=device, **kwargs)
+    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return Trial.from_dict(pool.submit(_isolated_trial, job).result())
+
+
+# -- the probe ------------------------------------------------------------------------------------------------------
+@dataclass(kw_only=True)
+class _Search:
+    """A batch search for one configuration: the trials it ran and what it settled on."""
+
+    cfg: StepConfig
+    trials: list[Trial]
+    batch_size: int  # 0: nothing fits
+    tokens_per_second: float | None
+
+
+class _Prober:
+    def __init__(self, spec, plan, device, *, isolate, use_cache, progress, max_trials):
+        self.spec, self.plan, self.device = spec, plan, device
+        self.isolate, self.progress, self.max_trials = isolate, progress, max_trials
+        self.trials: list[Trial] = []
+        self.store = _store() if use_cache else None
+        self.limit = _allocator_limit(plan, device)
+        self._fast: dict[StepConfig, memory.StepModel] = {}
+        self._measured: dict[tuple[StepConfig, int], int] = {}  # (config, batch) -> measured peak reserved
+
+    def _key(self, cfg: StepConfig) -> calibration.Key:
+        return calibration.Key(model=f"{self.spec.name}@{self.spec.fingerprint}", card=self.plan.gpu.name,
+                               method=cfg.method, quantization=cfg.quantization, precision=cfg.precision,
+                               checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
+                               versions=calibration.versions())
+
+    def predicted(self, cfg: StepConfig, b: int) -> int:
+        """The fast model's allocator need at micro-batch ``b`` (training, or the evaluation pass if larger): what
+        bracketing decides with. Its simulations are the planner's, already made."""
+        if cfg not in self._fast:
+            self._fast[cfg] = memory.StepModel(self.spec, cfg, seq_len=self.plan.seq_len, evaluate=True)
+        sm = self._fast[cfg]
+        need = sm.min_reserved(b)
+        if self.plan.eval_batch_size:
+            need = max(need, sm.eval_need(self.plan.eval_batch_size))
+        return need
+
+    def exact(self, cfg: StepConfig, b: int) -> int:
+        """The estimate's ``min_reserved`` at exactly this shape: what a trial is compared with and calibrates."""
+        return memory.simulate_point(self.spec, cfg, batch_size=b, seq_len=self.plan.seq_len,
+                                     eval_batch_size=self.plan.eval_batch_size).min_reserved
+
+    def trial(self, cfg: StepConfig, b: int) -> Trial:
+        if len(self.trials) >= self.max_trials:
+            raise ProbeError(f"the probe reached its limit of {self.max_trials} trials; raise max_trials")
+        number = len(self.trials) + 1
+        if self.progress:
+            self.progress(f"trial {number}: batch {b} x {self.plan.seq_len} ({cfg.method}, checkpointing "
+                          f"{'on' if cfg.gradient_checkpointing else 'off'})")
+        kwargs = dict(batch_size=b, seq_len=self.plan.seq_len, eval_batch_size=self.plan.eval_batch_size,
+                      number=number, predicted=self.exact(cfg, b))
+        if self.isolate:
+            result = run_trial_isolated(self.spec, cfg, self.device, **kwargs)
+        else:
+            result = run_trial(self.spec, cfg, self.device, **kwargs)
+            if not result.memory_returned:
+                log.warning("memory did not return to its level before trial %d; running the next trials in fresh "
+                            "processes", number)
+                self.isolate = True
+        self.trials.append(result)
+        if result.fits:
+            self._measured[(cfg, b)] = result.peak_reserved
+            if self.store is not None and result.predicted_reserved:
+                self.store.record(self._key(cfg), result.peak_reserved / result.predicted_reserved)
+        return result
+
+    def ratio(self, cfg: StepConfig) -> float:
+        """Measured over predicted memory for ``cfg`` in this probe's passing trials (the largest), else 1."""
+        mine = [m / self.predicted(c, b) for (c, b), m in self._measured.items() if c == cfg]
+        return max(mine) if mine else 1.0
+
+    def search(self, cfg: StepConfig, start: int) -> _Search:
+        """The largest micro-batch (a divisor of the effective batch) of ``cfg`` that runs, bracketing ``start``."""
+        divisors = [d for d in range(1, self.plan.effective_batch + 1) if self.plan.effective_batch % d == 0]
+        need = lambda b: self.predicted(cfg, b) * self.ratio(cfg)  # noqa: E731
+        fitting = [d for d in divisors if need(d) <= self.limit]
+        start = start if start in divisors and need(start) <= (1 + BRACKET) * self.limit else \
+            (fitting[-1] if fitting else 1)
+        mine: list[Trial] = []
+        best, best_trial = 0, None
+        first = self.trial(cfg, start)
+        mine.append(first)
+        if first.fits:
+            best, best_trial = start, first
+            for d in (d for d in divisors if d > start):  # upward, while the calibrated estimate allows
+                if need(d) > (1 + BRACKET) * self.limit:
+                    break
+                t = self.trial(cfg, d)
+                mine.append(t)
+                if not t.fits:
+                    break
+                best, best_trial = d, t
+        else:
+            # the top of the bracket failed: bisect below it, down to where the estimate leaves a 5% margin, trying
+            # the largest size first (the likeliest answer when the estimate is a little low)
+            below = [d for d in divisors if d < start]
+            safe = [d for d in below if need(d) <= (1 - BRACKET) * self.limit]
+            candidates = below[below.index(safe[-1]):] if safe else below
+            lo, hi, top_first = 0, len(candidates) - 1, True
+            while lo <= hi:
+                mid = hi if top_first else (lo + hi) // 2
+                top_first = False
+                t = self.trial(cfg, candidates[mid])
+                mine.append(t)
+                if t.fits:
+                    best, best_trial, lo = candidates[mid], t, mid + 1
+                else:
+                    hi = mid - 1
+            if not best:  # the estimate is off by more than the bracket: keep stepping down below it
+                for d in reversed([d for d in below if candidates and d < candidates[0]]):
+                    t = self.trial(cfg, d)
+                    mine.append(t)
+                    if t.fits:
+                        best, best_trial = d, t
+                        break
+        return _Search(cfg=cfg, trials=mine, batch_size=best,
+                       tokens_per_second=best_trial.tokens_per_second if best_trial else None)
+
+
+def _store():
+    try:
+        return calibration.Store()
+    except (ValueError, OSError, RuntimeError) as err:
+        log.warning("calibration cache unavailable (%s); probing without it", err)
+        return None
+
+
+def _allocator_limit(plan, device) -> int:
+    """Bytes the allocator may reserve in trials: the plan's budget less the CUDA context (measured when the card is
+    here, else the estimate's assumption); the whole budget on the budgeted CPU device."""
+    if isinstance(device, BudgetedCpuDevice):
+        return device.budget_bytes
+    if device.limit_bytes is not None:
+        return device.limit_bytes
+    return plan.budget_bytes - plan.estimate.cuda_context
+
+
+def probe(plan, *, spec=None, device=None, isolate: bool = False, use_cache: bool = True, rank: bool = True,
+          max_trials: int = 12, progress: Callable[[str], None] | None = None):
+    """Confirms ``plan`` with real trials on ``device`` (default: the plan's CUDA card, capped at the plan's budget)
+    and returns it marked ``probed``, with its trials, its measured headroom and, when alternatives were close, the
+    configuration that measured fastest. Raises ``ProbeError`` when there is no device to probe or nothing runs."""
+    from autofit.planner import Plan
+
+    spec = models.resolve(spec if spec is not None else plan.model_name)
+    if device is None:
+        if not torch.cuda.is_available() or plan.gpu.index is None:
+            raise ProbeError("no CUDA device to probe; plan with --gpu NAME to plan from the estimate instead")
+        device = CudaDevice(index=plan.gpu.index, limit_bytes=plan.budget_bytes - plan.estimate.cuda_context)
+    prober = _Prober(spec, plan, device, isolate=isolate, use_cache=use_cache, progress=progress,
+                     max_trials=max_trials)
+    candidates = [(plan.step_config, plan.batch_size)] + [
+        (StepConfig.from_dict(a["config"]), a["batch_size"]) for a in plan.alternatives]
+    if rank and len(candidates) > 1:
+        searches = _rank(prober, candidates)
+    else:
+        searches = [prober.search(plan.step_config, plan.batch_size)]
+    fitting = [s for s in searches if s.batch_size]
+    if not fitting:
+        raise ProbeError(f"nothing ran on {getattr(device, 'name', 'the device')}: every trial ran out of memory, "
+                         "down to a micro-batch of 1; plan for a smaller configuration (--method qlora, --seq-len)")
+    best = max(fitting, key=lambda s: s.tokens_per_second or 0.0)
+    chosen_trial = next(t for t in best.trials if t.fits and t.batch_size == best.batch_size)
+    estimate = replace(memory.simulate_point(spec, best.cfg, batch_size=best.batch_size, seq_len=plan.seq_len,
+                                             eval_batch_size=plan.eval_batch_size), gpu_name=plan.gpu.name)
+    limit = prober.limit
+    reasons = list(plan.reasons)
+    reasons.append(f"probed on {getattr(device, 'name', 'the device')} with the allocator capped at {fmt_bytes(limit)}:"
+                   f" {len(prober.trials)} trial{'s' if len(prober.trials) != 1 else ''}, "
+                   f"{sum(t.seconds for t in prober.trials):.1f}s")
+    reasons.extend(t.line() for t in prober.trials)
+    reasons.append(f"measured headroom {fmt_bytes(limit - chosen_trial.peak_reserved)} of {fmt_bytes(limit)} "
+                   f"({(limit - chosen_trial.peak_reserved) / limit:.0%}) at micro-batch {best.batch_size}")
+    if best.cfg != plan.step_config:
+        reasons.append(f"measured fastest: {best.cfg.method}, checkpointing "
+                       f"{'on' if best.cfg.gradient_checkpointing else 'off'} "
+                       f"({best.tokens_per_second:,.0f} tokens/s)")
+    cfg = best.cfg
+    return replace(
+        plan, method=cfg.method, quantization=cfg.quantization, precision=cfg.precision,
+        gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
+        batch_size=best.batch_size, grad_accum=plan.effective_batch // best.batch_size, estimate=estimate,
+        tokens_per_second=best.tokens_per_second or plan.tokens_per_second, source="probed",
+        reasons=tuple(reasons), trials=tuple(prober.trials), measured_reserved=chosen_trial.peak_reserved)
+
+
+def _rank(prober: _Prober, candidates: list[tuple[StepConfig, int]]) -> list[_Search]:
+    """Ranks close candidates by measured tokens per second in an Optuna study (resumable: finished candidates are
+    read back from the study instead of run again). Only candidates the estimate puts under the limit are run."""
+    import optuna
+
+    allowed = [(cfg, b) for cfg, b in candidates if prober.exact(cfg, b) <= (1 + BRACKET) * prober.limit]
+    description = json.dumps([[str(sorted(asdict(cfg).items())), b] for cfg, b in allowed])
+    identity = f"{prober.spec.fingerprint}|{prober.plan.gpu.name}|{prober.plan.seq_len}|" \
+               f"{prober.plan.effective_batch}|{description}|{calibration.versions()}"
+    name = "autofit-probe-" + hashlib.sha1(identity.encode()).hexdigest()[:16]
+    storage = optuna.storages.RDBStorage(prober.store.url) if prober.store is not None else None
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
+                                sampler=optuna.samplers.GridSampler({"candidate": list(range(len(allowed)))}, seed=0))
+    searches: dict[int, _Search] = {}
+    for t in study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)):
+        i = t.params["candidate"]
+        trials = [Trial.from_dict(d) for d in json.loads(t.user_attrs["trials"])]
+        prober.trials.extend(replace(tr, number=len(prober.trials) + k + 1) for k, tr in enumerate(trials))
+        searches[i] = _Search(cfg=allowed[i][0], trials=trials, batch_size=t.user_attrs["batch_size"],
+                              tokens_per_second=t.value or None)
+
+    def objective(trial) -> float:
+        i = trial.suggest_categorical("candidate", list(range(len(allowed))))
+        cfg, start = allowed[i]
+        found = prober.search(cfg, start)
+        searches[i] = found
+        trial.set_user_attr("batch_size", found.batch_size)
+        trial.set_user_attr("trials", json.dumps([t.to_dict() for t in found.trials]))
+        return found.tokens_per_second or 0.0
+
+    remaining = len(allowed) - len(searches)
+    if remaining > 0:
+        study.optimize(objective, n_trials=remaining, catch=())
+    return [searches[i] for i in sorted(searches)]
