@@ -145,6 +145,32 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_fit)
 
+    p = add("train", help="fine-tune a model on your data with the plan for this machine",
+            description="Plan (or load a plan), load the model as the plan says, tokenize the data, and run "
+            "transformers' Trainer under autofit's out-of-memory guard. Saves the adapter or model, the tokenizer, "
+            "plan.json and memory_log.jsonl in --out. Weights and tokenizer come from a local directory or the "
+            "Hugging Face cache; --random-init trains the architecture from its config with a tokenizer built from "
+            "the data, so the whole path runs anywhere.",
+            epilog="example: autofit train distilgpt2 --data notes.txt --random-init --steps 20")
+    p.add_argument("model")
+    p.add_argument("--data", required=True, metavar="FILE", help="plain text, JSON lines (text, chat, prompt/"
+                   "completion, instruction/output) or a JSON array")
+    p.add_argument("--out", default="autofit-out", metavar="DIR", help="output folder (default: autofit-out)")
+    p.add_argument("--plan", metavar="FILE", help="a plan.json from autofit probe --out (default: plan now)")
+    p.add_argument("--gpu", default=None, help="card to plan for (default: the detected card, else the CPU)")
+    bound = p.add_mutually_exclusive_group()
+    bound.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps")
+    bound.add_argument("--epochs", type=float, default=None, metavar="N", help="passes over the data (default: 1)")
+    p.add_argument("--random-init", action="store_true", help="random weights from the config (no download)")
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N", help="default: measured from the data")
+    p.add_argument("--effective-batch", type=int, default=None, metavar="N")
+    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto")
+    p.add_argument("--learning-rate", type=float, default=None, metavar="LR")
+    p.add_argument("--no-packing", action="store_true", help="truncate each sample instead of packing plain text")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=_train)
+
     p = add("cache", help="the calibration and simulation cache: list it or clear it",
             description="autofit keeps probe calibrations and probe studies in a SQLite database, and simulations "
             "as files, under $AUTOFIT_CACHE or ~/.cache/autofit. AUTOFIT_CACHE=off (or --no-cache) keeps nothing.")
@@ -300,6 +326,30 @@ def _fit(args) -> int:
                   f"{r['tokens_per_second']:>9,}")
         else:
             print(f"  {r['model']:<40} does not fit: {r['reason'].split(': ', 1)[-1]}")
+    return 0
+
+
+def _train(args) -> int:
+    from autofit import training
+
+    options = {k: v for k, v in dict(seq_len=args.seq_len, effective_batch=args.effective_batch,
+                                      method=args.method).items() if v is not None}
+    if args.plan:
+        options = {}
+    result = training.train(args.model, args.data, output_dir=args.out, plan=args.plan, gpu=args.gpu,
+                            steps=args.steps, epochs=args.epochs, random_init=args.random_init, resume=args.resume,
+                            learning_rate=args.learning_rate, packing=False if args.no_packing else None,
+                            progress=not args.quiet and not args.json, **options)
+    if args.json:
+        from dataclasses import asdict
+
+        out = {k: v for k, v in asdict(result).items() if k not in ("plan", "guard_events")}
+        out["guard_events"] = [asdict(e) for e in result.guard_events]
+        out["plan"] = result.plan.to_dict()
+        _print_json(out)
+    else:
+        print(result.plan.summary())
+        print(result.report())
     return 0
 
 

@@ -13,6 +13,7 @@ The same code runs on real CPU tensors, which is how the tests check the tracker
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import functools
 import json
@@ -585,6 +586,14 @@ def _save(job: Job, sim: Simulation) -> None:
         log.warning("could not cache a simulation in %s (%s)", path.parent, err)
 
 
+def _shutdown_pool() -> None:
+    """Stops the worker processes before the interpreter tears down the modules their manager thread needs."""
+    global _POOL
+    if _POOL is not None:
+        _POOL.shutdown(wait=True, cancel_futures=True)
+        _POOL = None
+
+
 def run_many(jobs: list[Job], progress=None) -> list[Simulation]:
     """Runs ``jobs`` in order: from the in-process cache, the disk cache, or else in parallel worker processes
     forked from this one."""
@@ -611,6 +620,7 @@ def run_many(jobs: list[Job], progress=None) -> list[Simulation]:
 
         if _POOL is None:
             _POOL = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
+            atexit.register(_shutdown_pool)
         futures = {_POOL.submit(_run_job, replace(jobs[i], spec=replace(jobs[i].spec, module=None))): i
                    for i in todo}
         try:
