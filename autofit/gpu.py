@@ -794,3 +794,37 @@ def _detect_torch() -> list[GpuInfo]:
     except Exception as exc:
         log.warning("torch.cuda could not describe the GPUs (%s)", exc)
         return []
+
+
+def process_memory(index: int) -> int | None:
+    """Memory this process holds on CUDA device ``index`` (torch numbering) as NVML reports it, or None when NVML
+    cannot say (no driver, or per-process accounting unavailable, as inside some containers)."""
+    try:
+        import pynvml
+    except ImportError:
+        return None
+    try:
+        pynvml.nvmlInit()
+    except Exception:
+        return None
+    try:
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+        order = _visible_order(os.environ.get("CUDA_VISIBLE_DEVICES"), len(handles),
+                               lambda i: _text(pynvml.nvmlDeviceGetUUID(handles[i])))
+        physical = order[index] if index < len(order) else None
+        if physical is None:
+            return None
+        pid = os.getpid()
+        for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
+            for proc in getattr(pynvml, getter)(handles[physical]):
+                used = getattr(proc, "usedGpuMemory", None)
+                if proc.pid == pid and used is not None and used < _NOT_AVAILABLE:
+                    return int(used)
+        return None
+    except Exception:
+        return None
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass

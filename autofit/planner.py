@@ -26,7 +26,8 @@ from autofit.units import GiB, MiB, fmt_bytes
 
 log = logging.getLogger(__name__)
 
-DEFAULT_EFFECTIVE_BATCH = 16  # a common fine-tuning default; the plan says when it was assumed
+DEFAULT_EFFECTIVE_BATCH = 16  # when none is asked: the least effective batch; micro-batches below it accumulate to it
+MAX_DEFAULT_BATCH = 64  # when none is asked and memory allows, the micro-batch (and effective batch) grows to this
 DEFAULT_SEQ_LEN = 1024
 MIN_SEQ_LEN = 64
 DEFAULT_MARGIN = 0.05  # share of the card kept free beyond the estimate
@@ -281,6 +282,7 @@ class _Candidate:
     cfg: StepConfig
     step_model: memory.StepModel | None = None
     eval_batch_size: int = 1
+    effective: int = 0
     max_batch: int = 0  # cautious: with the fast model's worst allocator margin
     upper: int = 0  # hard: the live tensors alone fit
     batch_size: int = 0
@@ -336,10 +338,9 @@ def plan(
         raise ConfigError(f"method must be auto, full, lora or qlora; got {method!r}")
     if effective_batch is not None and effective_batch < 1:
         raise ConfigError(f"effective batch must be at least 1; got {effective_batch}")
-    target_batch = effective_batch or DEFAULT_EFFECTIVE_BATCH
+    adaptive = effective_batch is None
+    target_batch = effective_batch or MAX_DEFAULT_BATCH
     reasons: list[str] = []
-    if effective_batch is None:
-        reasons.append(f"effective batch {target_batch} assumed (pass effective_batch / --effective-batch to set it)")
     seq, seq_source, truncated, lengths = _sequence_length(spec, seq_len, dataset, tokenizer, reasons)
     knobs = dict(precision=precision, optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha,
                  lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None)
@@ -353,7 +354,8 @@ def plan(
         raise _does_not_fit(spec, card, allowed, seq, knobs, seq_source)
     while True:
         seen: list[_Candidate] = []
-        chosen = _search(spec, card, allowed, seq, target_batch, bases, method, checkpointing, reasons, progress, seen)
+        chosen = _search(spec, card, allowed, seq, target_batch, bases, method, checkpointing, reasons, progress, seen,
+                         adaptive)
         if chosen is not None:
             break
         if seq_source == "user" or seq <= MIN_SEQ_LEN:
@@ -368,7 +370,12 @@ def plan(
             reasons.append(f"{truncated:.1%} of the data's samples are longer than {seq} tokens and will be truncated")
 
     cand = chosen
-    estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress)
+    estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress, adaptive)
+    if adaptive:
+        reasons.insert(0, f"effective batch {cand.effective}: " + (
+            f"the largest micro-batch that fits (at most {MAX_DEFAULT_BATCH}), as none was asked"
+            if cand.batch_size >= DEFAULT_EFFECTIVE_BATCH else
+            f"the default, micro-batches accumulating to it") + "; pass effective_batch / --effective-batch to fix it")
     alternatives = tuple(
         dict(config={k: getattr(c.cfg, k) for k in c.cfg.__slots__}, batch_size=c.batch_size, grad_accum=c.grad_accum,
              tokens_per_second=round(c.speed.tokens_per_second, 1))
@@ -382,7 +389,7 @@ def plan(
         lora_alpha=(cand.cfg.lora_alpha or 2 * cand.cfg.lora_r) if cand.cfg.uses_lora else None,
         lora_dropout=cand.cfg.lora_dropout if cand.cfg.uses_lora else None,
         lora_targets=(cand.cfg.lora_targets or spec.lora_targets) if cand.cfg.uses_lora else None,
-        batch_size=cand.batch_size, grad_accum=cand.grad_accum, effective_batch=target_batch, seq_len=seq,
+        batch_size=cand.batch_size, grad_accum=cand.grad_accum, effective_batch=cand.effective, seq_len=seq,
         eval_batch_size=eval_batch, budget_bytes=allowed, estimate=estimate,
         tokens_per_second=cand.speed.tokens_per_second, source="estimated", reasons=tuple(reasons),
         seq_len_source=seq_source, truncated_share=truncated, alternatives=alternatives,
@@ -462,7 +469,7 @@ def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons
 
 
 def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpointing, reasons,
-            progress, seen: list | None = None) -> _Candidate | None:
+            progress, seen: list | None = None, adaptive: bool = False) -> _Candidate | None:
     """The best candidate at sequence length ``seq``, or None when nothing fits. Adds reasons as it decides; every
     candidate that fits is appended to ``seen``."""
     found: list[_Candidate] = []
@@ -475,14 +482,14 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
                 reasons.append(f"gradient checkpointing off: even with the whole effective batch in one micro-batch, "
                                f"recomputation would cost more than micro-batch {per_method[0].batch_size} gains")
                 break
-            cand = _size(spec, cfg, card, allowed, seq, target_batch, progress)
+            cand = _size(spec, cfg, card, allowed, seq, target_batch, progress, adaptive)
             if cand.max_batch == 0:
                 continue
             per_method.append(cand)
             if seen is not None:
                 seen.append(cand)
             # checkpointing only pays when it lets a bigger micro-batch in; skip it when this one takes the whole batch
-            if not ckpt and cand.batch_size == target_batch and len(checkpointing) > 1:
+            if not ckpt and cand.batch_size == target_batch and len(checkpointing) > 1:  # the batch's cap, reached
                 reasons.append("gradient checkpointing off: the whole effective batch fits in one micro-batch without it")
                 break
         if not per_method:
@@ -498,19 +505,19 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
                            f"{best.speed.tokens_per_second:,.0f} vs {other.speed.tokens_per_second:,.0f} estimated "
                            f"tokens/s (micro-batch {best.batch_size} vs {other.batch_size})")
         found.append(best)
-        if method_asked == "auto" and best.batch_size >= min(USEFUL_BATCH, target_batch):
+        if method_asked == "auto" and best.batch_size >= min(USEFUL_BATCH, best.effective):
             if method != "full":
                 reasons.append(f"{_method_name(method)} chosen: the strongest method that fits a micro-batch of "
-                               f"{min(USEFUL_BATCH, target_batch)} or more")
+                               f"{min(USEFUL_BATCH, best.effective)} or more")
             else:
                 reasons.append("full fine-tuning chosen: it fits with a useful micro-batch")
             return best
     if not found:
         return None
-    best = max(found, key=lambda c: (c.batch_size >= min(USEFUL_BATCH, target_batch), c.speed.tokens_per_second))
+    best = max(found, key=lambda c: (c.batch_size >= min(USEFUL_BATCH, c.effective), c.speed.tokens_per_second))
     if method_asked == "auto":
         reasons.append(f"{_method_name(best.cfg.method)} chosen: no method fits a micro-batch of "
-                       f"{min(USEFUL_BATCH, target_batch)}; this one is fastest")
+                       f"{min(USEFUL_BATCH, best.effective)}; this one is fastest")
     return best
 
 
@@ -525,7 +532,22 @@ def _method_name(method: str) -> str:
     return {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}[method]
 
 
-def _size(spec, cfg, card, allowed, seq, target_batch, progress) -> _Candidate:
+def _sizes(target_batch: int, adaptive: bool) -> list[int]:
+    """Micro-batches a plan may use: divisors of the asked effective batch; without one, 1, 2, 4 and 8 (which
+    accumulate to the default of 16) and every size from 16 to the cap (trained without accumulation)."""
+    if adaptive:
+        return [d for d in range(1, DEFAULT_EFFECTIVE_BATCH) if DEFAULT_EFFECTIVE_BATCH % d == 0] + \
+            list(range(DEFAULT_EFFECTIVE_BATCH, MAX_DEFAULT_BATCH + 1))
+    return [d for d in range(1, target_batch + 1) if target_batch % d == 0]
+
+
+def _effective(batch_size: int, target_batch: int, adaptive: bool) -> int:
+    if not adaptive:
+        return target_batch
+    return max(batch_size, DEFAULT_EFFECTIVE_BATCH)
+
+
+def _size(spec, cfg, card, allowed, seq, target_batch, progress, adaptive=False) -> _Candidate:
     """Bounds on the largest micro-batch of ``cfg`` under ``allowed`` from the fast model, and the batch x
     accumulation the cautious bound gives (for ranking; ``_confirm`` settles the batch by exact simulation).
 
@@ -558,8 +580,9 @@ def _size(spec, cfg, card, allowed, seq, target_batch, progress) -> _Candidate:
             cand.upper = 0
     if not cand.max_batch:
         return cand
-    cand.batch_size = max(d for d in range(1, cand.max_batch + 1) if target_batch % d == 0)
-    cand.grad_accum = target_batch // cand.batch_size
+    cand.batch_size = max(d for d in _sizes(target_batch, adaptive) if d <= cand.max_batch)
+    cand.effective = _effective(cand.batch_size, target_batch, adaptive)
+    cand.grad_accum = cand.effective // cand.batch_size
     cand.speed = throughput(spec, cfg, card, batch_size=cand.batch_size, seq_len=seq, grad_accum=cand.grad_accum,
                             trainable=_trainable(spec, cfg))
     return cand
@@ -581,12 +604,13 @@ def _eval_batch(cand: _Candidate, allowed: int, target_batch: int) -> int:
     return best
 
 
-def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, progress) -> MemoryEstimate:
+def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, progress,
+             adaptive: bool = False) -> MemoryEstimate:
     """Settles the micro-batch by exact simulation: the largest divisor of the effective batch that fits, searched
     between the fast model's cautious bound and its hard upper bound."""
-    divisors = [d for d in range(1, target_batch + 1) if target_batch % d == 0]
+    divisors = _sizes(target_batch, adaptive)
     tried: dict[int, MemoryEstimate] = {}
-    cand.eval_batch_size = _eval_batch(cand, allowed, target_batch)
+    cand.eval_batch_size = _eval_batch(cand, allowed, cand.effective)
 
     ratio, samples = _calibration(spec, cand.cfg, card)
     if samples:
@@ -636,17 +660,22 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
         raise DoesNotFitError(f"{spec.name} does not fit {card.name} at batch 1 x {seq} tokens: it needs "
                               f"{fmt_bytes(need(tried[1]))}, the budget is {fmt_bytes(allowed)}")
     estimate = tried[chosen]
-    cand.batch_size, cand.grad_accum = chosen, target_batch // chosen
+    cand.effective = _effective(chosen, target_batch, adaptive)
+    cand.batch_size, cand.grad_accum = chosen, cand.effective // chosen
     cand.speed = throughput(spec, cand.cfg, card, batch_size=chosen, seq_len=seq, grad_accum=cand.grad_accum,
                             trainable=_trainable(spec, cand.cfg))
     next_up = next((d for d in divisors if d > chosen), None)
+    refused = next_up is not None and (next_up > cand.upper or (next_up in tried and not fits(next_up)))
     if chosen == target_batch:
-        reasons.append(f"micro-batch {chosen}: the whole effective batch in one step, no accumulation")
+        reasons.append(f"micro-batch {chosen}: the whole {'batch cap' if adaptive else 'effective batch'} in one "
+                       "step, no accumulation")
+    elif refused or next_up is None:
+        bound = f"micro-batch {next_up} would not fit" if next_up else "nothing larger fits"
+        reasons.append(f"micro-batch {chosen} x {cand.grad_accum} accumulation = effective batch {cand.effective}; "
+                       f"bound by memory ({bound}" + ("" if adaptive else
+                                                      "; micro-batches divide the effective batch exactly") + ")")
     else:
-        why = (f"micro-batch {next_up} would not fit" if next_up and next_up in tried and not fits(next_up) or
-               next_up and next_up > cand.upper else "larger micro-batches do not fit")
-        reasons.append(f"micro-batch {chosen} x {chosen and cand.grad_accum} accumulation = effective batch "
-                       f"{target_batch}; bound by memory ({why}; micro-batches divide the effective batch exactly)")
+        reasons.append(f"micro-batch {chosen} x {cand.grad_accum} accumulation = effective batch {cand.effective}")
     headroom = allowed - need(estimate)
     reasons.append(f"headroom {fmt_bytes(headroom)} ({headroom / allowed:.0%} of the budget); peak at "
                    f"{estimate.where}")

@@ -5,7 +5,7 @@ estimate, calibrated by what the card has measured, puts it within 5% of the bud
 0.95/1.0/1.05 of its estimate), a smaller one only after an out-of-memory error, bisecting between. A trial is real:
 a model of the same architecture and method with random weights (the user's model is never touched), at least two
 training steps of the plan's exact step on a batch of the full length, and an evaluation forward pass; peak
-statistics are reset before and read after, so a passing trial measures its headroom. Each trial is an immutable
+statistics are reset once the model is built and read after the steps, so a passing trial measures its headroom. Each trial is an immutable
 ``Trial``. After an out-of-memory error everything the trial held is released and allocated memory must be back at
 its level before the trial; if it is not, the next trials run in fresh processes (``isolate=True`` runs every trial
 that way). When the plan leaves close alternatives (checkpointing on or off, LoRA or QLoRA), they are ranked by
@@ -76,6 +76,7 @@ class Trial:
     memory_returned: bool  # allocated memory back at its level before the trial
     isolated: bool  # ran in its own process
     note: str = ""
+    device_used: int | None = None  # this process's memory on the card per NVML after the steps (nvidia-smi's view)
 
     @property
     def fits(self) -> bool:
@@ -157,6 +158,12 @@ class CudaDevice:
     def allocated(self) -> int:
         return torch.cuda.memory_allocated(self.index)
 
+    def used_now(self) -> int | None:
+        """This process's memory on the card as NVML (and nvidia-smi) sees it, or None where NVML cannot say."""
+        from autofit import gpu as gpus
+
+        return gpus.process_memory(self.index)
+
     def cleanup(self) -> None:
         gc.collect()
         torch.cuda.synchronize(self.index)
@@ -212,6 +219,9 @@ class BudgetedCpuDevice:
     def allocated(self) -> int:
         return self._tracker.live if _CPU_TRACKERS else 0
 
+    def used_now(self) -> int | None:
+        return None  # no device-level view of host memory beyond the tracker's own counts
+
     def cleanup(self) -> None:
         gc.collect()
 
@@ -229,13 +239,12 @@ def run_trial(spec: models.ModelSpec, cfg: StepConfig, device, *, batch_size: in
     ``batch_size`` x ``seq_len`` and, with ``eval_batch_size``, an evaluation forward pass. Out-of-memory errors end
     the trial as ``outcome="oom"``; any other error propagates unchanged."""
     started = time.perf_counter()
-    outcome, note, peaks, step_seconds = "fits", "", (None, None), None
+    outcome, note, peaks, step_seconds, used = "fits", "", (None, None), None, None
     with device.session():
         device.cleanup()
         baseline = device.allocated()
-        device.reset()
         try:
-            step_seconds = _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps)
+            step_seconds, used = _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps)
             peaks = device.peaks()
         except BaseException as err:  # noqa: BLE001 - re-raised unless it is running out of memory
             if not is_oom(err):
@@ -253,11 +262,12 @@ def run_trial(spec: models.ModelSpec, cfg: StepConfig, device, *, batch_size: in
                  predicted_reserved=predicted, limit_bytes=getattr(device, "limit_bytes", None) or
                  getattr(device, "budget_bytes", None), seconds=time.perf_counter() - started,
                  step_seconds=step_seconds, tokens_per_second=tokens, memory_returned=returned, isolated=False,
-                 note=note)
+                 note=note, device_used=used)
 
 
-def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps) -> float:
-    """The body of a trial; every tensor it makes is local, so returning or raising frees them."""
+def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps) -> tuple[float, int | None]:
+    """The body of a trial; every tensor it makes is local, so returning or raising frees them. Returns the last
+    step's seconds and the device memory in use at the end (the caching allocator still holds its peak)."""
     model = device.build(spec, cfg)
     model.train()
     if cfg.gradient_checkpointing:
@@ -266,6 +276,8 @@ def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps)
     optimizer = simulate.make_optimizer(params, cfg.optimizer) if cfg.optimizer != "adamw_8bit" else \
         _bnb_or_simulated_adam8bit(params)
     autocast = device.autocast()
+    # peaks are the steps' (as the estimate's are), not loading's: reset once the model and optimizer exist
+    device.reset()
     last = None
     for _ in range(steps):
         batch = simulate.make_batch(batch_size, seq_len, spec.vocab_size, device=device.torch_device)
@@ -280,7 +292,7 @@ def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps)
         batch = simulate.make_batch(eval_batch_size, seq_len, spec.vocab_size, device=device.torch_device)
         simulate.eval_step(model, cfg, batch, autocast)
         del batch
-    return last
+    return last, device.used_now()
 
 
 def _bnb_or_simulated_adam8bit(params):

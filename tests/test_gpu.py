@@ -440,3 +440,18 @@ def test_missing_device_lists_what_was_found(monkeypatch, clean_env):
         resolve("cuda:5")
     message = one_line(err.value)
     assert "found 2 device(s)" in message and "cuda:1 NVIDIA GeForce RTX 4090" in message
+
+
+def test_process_memory_reads_our_own_process(monkeypatch, clean_env):
+    mine = os.getpid()
+    devices = [fake_device("NVIDIA GeForce RTX 3060", "GPU-aaaa", total_gib=12, compute=[(mine, 3 * GiB), (1, GiB)]),
+               fake_device("NVIDIA A100-SXM4-80GB", "GPU-bbbb", total_gib=80, compute=[(1, GiB)])]
+    nvml = fake_nvml(devices)
+    monkeypatch.setitem(sys.modules, "pynvml", nvml)
+    assert gpu.process_memory(0) == 3 * GiB
+    assert gpu.process_memory(1) is None  # not ours
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1,0")
+    assert gpu.process_memory(1) == 3 * GiB  # torch's device 1 is NVML's device 0
+    assert nvml.calls.count("init") == nvml.calls.count("shutdown")
+    monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(devices, init_error=FakeNVMLError("no driver")))
+    assert gpu.process_memory(0) is None
