@@ -111,21 +111,14 @@ class CachingAllocator:
         for neighbour in (block.prev, block.next):
             if neighbour is not None and neighbour.free:
                 self._remove(neighbour)
-                if neighbour is block.prev:
-                    neighbour.size += block.size
-                    neighbour.next = block.next
-                    if block.next is not None:
-                        block.next.prev = neighbour
-                    if self._tails[block.small] is block:
-                        self._tails[block.small] = neighbour
-                    block = neighbour
-                else:
-                    block.size += neighbour.size
-                    block.next = neighbour.next
-                    if neighbour.next is not None:
-                        neighbour.next.prev = block
-                    if self._tails[block.small] is neighbour:
-                        self._tails[block.small] = block
+                left, right = (neighbour, block) if neighbour is block.prev else (block, neighbour)
+                left.size += right.size
+                left.next = right.next
+                if right.next is not None:
+                    right.next.prev = left
+                if self._tails[left.small] is right:
+                    self._tails[left.small] = left
+                block = left
         self._insert(block)
 
     def _grow(self, size: int, small: bool) -> _Block:

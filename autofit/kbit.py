@@ -129,23 +129,28 @@ def _linear_shape(module: nn.Module) -> tuple[int, int, bool] | None:
     return None
 
 
+def _quantizable_linears(model: nn.Module):
+    """(parent, name, child, (in, out, has_bias)) for every linear layer but the output head, as transformers'
+    bitsandbytes integration swaps them; a list, so the caller may replace children while walking it."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    found = []
+    for parent in list(model.modules()):
+        for name, child in parent.named_children():
+            shape = _linear_shape(child)
+            if shape is not None and child is not head:
+                found.append((parent, name, child, shape))
+    return found
+
+
 def quantize_linears(model: nn.Module, bits: str, *, compute_dtype: torch.dtype) -> int:
     """Replaces the linear layers of ``model`` (on meta) by simulated ``bits`` ("4bit"/"8bit") layers, as
     transformers' bitsandbytes integration does: every linear layer but the output head. Returns how many."""
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     cls = Linear4bit if bits == "4bit" else Linear8bitLt
-    replaced = 0
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            shape = _linear_shape(child)
-            if shape is None or child is head:
-                continue
-            d_in, d_out, has_bias = shape
-            new = cls(d_in, d_out, has_bias, compute_dtype=compute_dtype, storage_dtype=child.weight.dtype,
-                      device=child.weight.device)
-            setattr(parent, name, new)
-            replaced += 1
-    return replaced
+    linears = _quantizable_linears(model)
+    for parent, name, child, (d_in, d_out, has_bias) in linears:
+        setattr(parent, name, cls(d_in, d_out, has_bias, compute_dtype=compute_dtype,
+                                  storage_dtype=child.weight.dtype, device=child.weight.device))
+    return len(linears)
 
 
 def upcast_non_quantized(model: nn.Module) -> None:
@@ -238,24 +243,18 @@ def build_bnb_model(spec, cfg, device: str) -> nn.Module:
 
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(spec.config, dtype=cfg.half)
-    head = model.get_output_embeddings()
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            shape = _linear_shape(child)
-            if shape is None or child is head:
-                continue
-            d_in, d_out, has_bias = shape
-            weight = child.weight.data if isinstance(child, nn.Linear) else child.weight.data.t().contiguous()
-            if cfg.quantization == "4bit":
-                new = bnb.nn.Linear4bit(d_in, d_out, bias=has_bias, compute_dtype=cfg.half, compress_statistics=True,
-                                        quant_type="nf4")
-                new.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
-            else:
-                new = bnb.nn.Linear8bitLt(d_in, d_out, bias=has_bias, has_fp16_weights=False, threshold=6.0)
-                new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
-            if has_bias:
-                new.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
-            setattr(parent, name, new)
+    for parent, name, child, (d_in, d_out, has_bias) in _quantizable_linears(model):
+        weight = child.weight.data if isinstance(child, nn.Linear) else child.weight.data.t().contiguous()
+        if cfg.quantization == "4bit":
+            new = bnb.nn.Linear4bit(d_in, d_out, bias=has_bias, compute_dtype=cfg.half, compress_statistics=True,
+                                    quant_type="nf4")
+            new.weight = bnb.nn.Params4bit(weight, requires_grad=False, compress_statistics=True, quant_type="nf4")
+        else:
+            new = bnb.nn.Linear8bitLt(d_in, d_out, bias=has_bias, has_fp16_weights=False, threshold=6.0)
+            new.weight = bnb.nn.Int8Params(weight, requires_grad=False, has_fp16_weights=False)
+        if has_bias:
+            new.bias = nn.Parameter(child.bias.data.clone(), requires_grad=False)
+        setattr(parent, name, new)
     upcast_non_quantized(model)
     model = model.to(device)
     targets = cfg.lora_targets or spec.lora_targets
