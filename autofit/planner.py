@@ -352,17 +352,18 @@ def plan(
     bases = _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons)
     if not bases:
         raise _does_not_fit(spec, card, allowed, seq, knobs, seq_source)
+    shortened = False
     while True:
         seen: list[_Candidate] = []
         chosen = _search(spec, card, allowed, seq, target_batch, bases, method, checkpointing, reasons, progress, seen,
-                         adaptive)
+                         adaptive, shortened)
         if chosen is not None:
             break
         if seq_source == "user" or seq <= MIN_SEQ_LEN:
             raise _does_not_fit(spec, card, allowed, seq, knobs, seq_source)
         shorter = max(MIN_SEQ_LEN, seq // 2 // 64 * 64 or MIN_SEQ_LEN)
         reasons.append(f"sequence length shortened from {seq} to {shorter}: nothing fits at {seq}")
-        seq = shorter
+        seq, shortened = shorter, True
         if lengths is not None:
             from autofit import data
 
@@ -469,13 +470,22 @@ def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons
 
 
 def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpointing, reasons,
-            progress, seen: list | None = None, adaptive: bool = False) -> _Candidate | None:
+            progress, seen: list | None = None, adaptive: bool = False, shortened: bool = False) -> _Candidate | None:
     """The best candidate at sequence length ``seq``, or None when nothing fits. Adds reasons as it decides; every
-    candidate that fits is appended to ``seen``."""
+    candidate that fits is appended to ``seen``.
+
+    Where a method's fitting is in doubt (its weights, gradients and optimizer state take half the budget, or nothing
+    fitted at a longer length), one exact simulation of its leanest step, micro-batch 1 with checkpointing if
+    allowed, tells whether it fits at all before its fast models are built."""
     found: list[_Candidate] = []
     for base in bases:
         method = base.method
         per_method = []
+        lean = replace(base, gradient_checkpointing=max(checkpointing))
+        if ((shortened or _static_bytes(spec, base) > allowed // 2)
+                and _exact(spec, lean, card, 1, seq, progress).required_bytes > allowed):
+            reasons.append(f"{_method_name(method)} ruled out at {seq} tokens: a micro-batch of 1 does not fit")
+            continue
         for ckpt in checkpointing:
             cfg = replace(base, gradient_checkpointing=ckpt)
             if ckpt and per_method and _checkpointing_cannot_win(spec, cfg, card, seq, target_batch, per_method[0]):

@@ -80,6 +80,24 @@ def test_sequence_is_shortened_only_when_nothing_else_fits():
         plan("meta-llama/Llama-3.1-8B", "rtx4060-laptop", seq_len=4096)
 
 
+def test_a_method_in_doubt_is_ruled_out_by_one_lean_simulation(monkeypatch):
+    from autofit import simulate
+
+    requested = []
+    run_many = simulate.run_many
+
+    def recording(jobs, *args, **kwargs):
+        requested.extend((j.cfg.method, j.cfg.gradient_checkpointing, j.batch_size, j.num_layers) for j in jobs)
+        return run_many(jobs, *args, **kwargs)
+
+    monkeypatch.setattr(simulate, "run_many", recording)
+    # full fine-tuning's weights, gradients and AdamW state (1.2 GiB) take over half of a 2 GiB card's budget
+    p = plan("distilgpt2", "2GiB", seq_len=1024)
+    assert [r for r in requested if r[0] == "full"] == [("full", True, 1, 2), ("full", True, 1, 3)]
+    assert "full fine-tuning ruled out at 1024 tokens: a micro-batch of 1 does not fit" in p.reasons
+    assert p.method == "lora"
+
+
 def test_dataset_sets_the_sequence_length_from_real_token_lengths(tmp_path):
     texts = [("word " * n).strip() for n in (10, 20, 30, 40, 50, 60, 70, 80, 90, 200)]
     path = tmp_path / "data.jsonl"
