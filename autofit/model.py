@@ -341,9 +341,9 @@ def count_params(
     per_depth = [_count_method(spec, n, method, quantization, half, lora_r, targets) for n in (1, 2)]
     depth = spec.num_layers
     merged: dict[str, int] = {}
-    for key in set(per_depth[0][2]) | set(per_depth[1][2]):
-        a, b = per_depth[0][2].get(key, 0), per_depth[1][2].get(key, 0)
-        merged[key] = a + (b - a) * (depth - 1)
+    for dtype in set(per_depth[0][2]) | set(per_depth[1][2]):
+        a, b = per_depth[0][2].get(dtype, 0), per_depth[1][2].get(dtype, 0)
+        merged[dtype] = a + (b - a) * (depth - 1)
     total = per_depth[0][0] + (per_depth[1][0] - per_depth[0][0]) * (depth - 1)
     trainable = per_depth[0][1] + (per_depth[1][1] - per_depth[0][1]) * (depth - 1)
     counts = ParamCounts(total=total, trainable=trainable, by_dtype=MappingProxyType({k: v for k, v in merged.items() if v}))

@@ -41,6 +41,17 @@ def test_explicit_lora_counts():
     assert model.count_params(model.resolve("meta-llama/Llama-3.2-1B"), method="lora").trainable == 1_703_936
 
 
+def test_counts_are_built_once_per_model_and_method(monkeypatch):
+    spec = model.resolve("distilgpt2")
+    first = model.count_params(spec, method="lora", lora_r=12)
+
+    def no_build(*args, **kwargs):
+        raise AssertionError("counted again")
+
+    monkeypatch.setattr(model, "build", no_build)
+    assert model.count_params(spec, method="lora", lora_r=12) is first
+
+
 def test_user_lora_targets_and_unknown_target():
     spec = model.resolve("distilgpt2")
     counts = model.count_params(spec, method="lora", lora_r=4, lora_targets=("c_attn", "c_fc"))
