@@ -515,12 +515,16 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
                            f"{best.speed.tokens_per_second:,.0f} vs {other.speed.tokens_per_second:,.0f} estimated "
                            f"tokens/s (micro-batch {best.batch_size} vs {other.batch_size})")
         found.append(best)
-        if method_asked == "auto" and best.batch_size >= min(USEFUL_BATCH, best.effective):
+        # a method that fits a useful micro-batch in either checkpointing setting is strong enough; its fastest
+        # setting is the one used
+        if method_asked == "auto" and any(c.batch_size >= min(USEFUL_BATCH, c.effective) for c in per_method):
+            useful = min(USEFUL_BATCH, best.effective)
+            how = "" if best.batch_size >= useful else " (with checkpointing; the faster setting without it is used)"
             if method != "full":
                 reasons.append(f"{_method_name(method)} chosen: the strongest method that fits a micro-batch of "
-                               f"{min(USEFUL_BATCH, best.effective)} or more")
+                               f"{useful} or more{how}")
             else:
-                reasons.append("full fine-tuning chosen: it fits with a useful micro-batch")
+                reasons.append(f"full fine-tuning chosen: it fits a micro-batch of {useful} or more{how}")
             return best
     if not found:
         return None

@@ -80,7 +80,7 @@ def test_sequence_is_shortened_only_when_nothing_else_fits():
         plan("meta-llama/Llama-3.1-8B", "rtx4060-laptop", seq_len=4096)
 
 
-def test_a_method_in_doubt_is_ruled_out_by_one_lean_simulation(monkeypatch):
+def _record_simulations(monkeypatch) -> list:
     from autofit import simulate
 
     requested = []
@@ -91,11 +91,27 @@ def test_a_method_in_doubt_is_ruled_out_by_one_lean_simulation(monkeypatch):
         return run_many(jobs, *args, **kwargs)
 
     monkeypatch.setattr(simulate, "run_many", recording)
+    return requested
+
+
+def test_a_method_in_doubt_is_ruled_out_by_one_lean_simulation(monkeypatch):
+    requested = _record_simulations(monkeypatch)
     # full fine-tuning's weights, gradients and AdamW state (1.2 GiB) take over half of a 2 GiB card's budget
     p = plan("distilgpt2", "2GiB", seq_len=1024)
     assert [r for r in requested if r[0] == "full"] == [("full", True, 1, 2), ("full", True, 1, 3)]
     assert "full fine-tuning ruled out at 1024 tokens: a micro-batch of 1 does not fit" in p.reasons
     assert p.method == "lora"
+
+
+def test_a_method_that_fits_a_useful_batch_with_checkpointing_ends_the_search(monkeypatch):
+    requested = _record_simulations(monkeypatch)
+    p = plan("HuggingFaceTB/SmolLM2-135M", "3GiB", seq_len=512)
+    # LoRA fits micro-batch 4 only with checkpointing, but 2 without it is faster: LoRA, the faster setting, and QLoRA
+    # is never simulated
+    assert (p.method, p.batch_size, p.gradient_checkpointing) == ("lora", 2, False)
+    assert ("LoRA chosen: the strongest method that fits a micro-batch of 4 or more (with checkpointing; the faster "
+            "setting without it is used)") in p.reasons
+    assert not [r for r in requested if r[0] == "qlora"]
 
 
 def test_dataset_sets_the_sequence_length_from_real_token_lengths(tmp_path):
