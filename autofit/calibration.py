@@ -58,6 +58,13 @@ class Key:
     def text(self) -> str:
         return "|".join(str(getattr(self, f)) for f in self.__slots__)
 
+    @classmethod
+    def of(cls, spec, card_name: str, cfg) -> "Key":
+        """The key of a step configuration (``autofit.simulate.StepConfig``) of ``spec`` on the card so named."""
+        return cls(model=f"{spec.name}@{spec.fingerprint}", card=card_name, method=cfg.method,
+                   quantization=cfg.quantization, precision=cfg.precision, checkpointing=cfg.gradient_checkpointing,
+                   optimizer=cfg.optimizer, versions=versions())
+
 
 def versions() -> str:
     import peft

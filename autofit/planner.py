@@ -707,11 +707,7 @@ def _calibration(spec, cfg: StepConfig, card) -> tuple[float, int]:
         return 1.0, 0
     try:
         store = calibration.Store()
-        key = calibration.Key(model=f"{spec.name}@{spec.fingerprint}", card=card.name, method=cfg.method,
-                              quantization=cfg.quantization, precision=cfg.precision,
-                              checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
-                              versions=calibration.versions())
-        found = store.ratio(key)
+        found = store.ratio(calibration.Key.of(spec, card.name, cfg))
         store.close()
     except Exception as err:  # an unusable cache never stops a plan
         log.warning("calibration unavailable (%s)", err)

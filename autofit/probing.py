@@ -341,10 +341,7 @@ class _Prober:
         self._measured: dict[tuple[StepConfig, int], int] = {}  # (config, batch) -> measured peak reserved
 
     def _key(self, cfg: StepConfig) -> calibration.Key:
-        return calibration.Key(model=f"{self.spec.name}@{self.spec.fingerprint}", card=self.plan.gpu.name,
-                               method=cfg.method, quantization=cfg.quantization, precision=cfg.precision,
-                               checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
-                               versions=calibration.versions())
+        return calibration.Key.of(self.spec, self.plan.gpu.name, cfg)
 
     def predicted(self, cfg: StepConfig, b: int) -> int:
         """The fast model's allocator need at micro-batch ``b`` (training, or the evaluation pass if larger): what
