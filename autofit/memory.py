@@ -115,9 +115,10 @@ class MemoryEstimate:
         """Free device memory the step needs: the least the allocator can run in, plus the CUDA context."""
         return self.min_reserved + self.cuda_context
 
-    def components(self) -> dict[str, int]:
-        """The named parts of ``device_total``, in print order."""
-        return {
+    def components(self, *, tight: bool = False) -> dict[str, int]:
+        """The named parts of ``device_total``, in print order; with ``tight``, of ``required_bytes`` (the allocator
+        margin the step needs on a card with no memory to spare, rather than what it reserves on a roomy one)."""
+        parts = {
             "weights": self.weights,
             "gradients": self.gradients,
             "optimizer state": self.optimizer_state,
@@ -125,9 +126,10 @@ class MemoryEstimate:
             "logits and loss": self.logits_and_loss,
             "temporaries": self.temporaries,
             "cuBLAS workspaces": self.workspaces,
-            "allocator margin": self.allocator_margin,
-            "CUDA context": self.cuda_context,
         }
+        parts["allocator margin"] = (self.min_reserved if tight else self.peak_reserved) - sum(parts.values())
+        parts["CUDA context"] = self.cuda_context
+        return parts
 
     def to_dict(self) -> dict:
         out = {name: getattr(self, name) for name in self.__slots__ if name != "config"}

@@ -267,9 +267,12 @@ class Plan:
             f"  memory               needs {fmt_bytes(e.required_bytes)} of a {fmt_bytes(self.budget_bytes)} budget "
             f"({fmt_bytes(self.headroom_bytes)} headroom)",
         ]
-        width = max(len(k) for k in e.components())
-        for name, value in e.components().items():
+        parts = e.components(tight=True)  # they sum to what the plan needs
+        width = max(len(k) for k in parts)
+        for name, value in parts.items():
             lines.append(f"    {name:<{width}}  {fmt_bytes(value):>11}")
+        lines.append(f"    (on a card with memory to spare the allocator caches more: up to "
+                     f"{fmt_bytes(e.peak_reserved)} reserved, {fmt_bytes(e.device_total)} in nvidia-smi)")
         lines.append("  why:")
         lines.extend(f"    - {r}" for r in self.reasons)
         lines.append("  use it:  args = plan.training_arguments(output_dir='out')  # transformers.TrainingArguments")

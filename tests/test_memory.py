@@ -84,6 +84,10 @@ def test_estimate_end_to_end_and_serialisation():
     text = est.summary()
     for line in ("weights", "optimizer state", "logits and loss", "CUDA context", "nvidia-smi"):
         assert line in text
+    # the breakdown sums to what nvidia-smi would show on a roomy card; the tight one to what the step needs free
+    assert sum(est.components().values()) == est.device_total
+    assert sum(est.components(tight=True).values()) == est.required_bytes
+    assert 0 <= est.components(tight=True)["allocator margin"] <= est.allocator_margin
     turing = memory.estimate("distilgpt2", "t4", batch_size=4, seq_len=256)
     assert turing.config.precision == "fp16" and turing.attention_kernel == "efficient"
 
