@@ -177,14 +177,18 @@ class Plan:
             raise ConfigError(f"transformers rejects these arguments here: {str(err).splitlines()[0]} (this plan is "
                               f"for {self.gpu.name}; without it, pass use_cpu=True, bf16=False, fp16=False)") from None
 
-    def lora_config(self):
-        """The peft ``LoraConfig`` of this plan, or None for full fine-tuning."""
+    def lora_config(self, model=None):
+        """The peft ``LoraConfig`` of this plan, or None for full fine-tuning. Given the ``model`` it will wrap, its
+        targets' weight layout is read from it (GPT-2's ``Conv1D`` stores weights transposed: ``fan_in_fan_out``)."""
         if self.method == "full":
             return None
         from peft import LoraConfig
 
+        transposed = model is not None and any(
+            type(m).__name__ == "Conv1D" for name, m in model.named_modules()
+            if name.rsplit(".", 1)[-1] in self.lora_targets)
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=list(self.lora_targets), task_type="CAUSAL_LM")
+                          target_modules=list(self.lora_targets), task_type="CAUSAL_LM", fan_in_fan_out=transposed)
 
     def quantization_config(self):
         """The transformers ``BitsAndBytesConfig`` of this plan, or None when weights stay 16-bit."""

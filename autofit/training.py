@@ -224,7 +224,7 @@ def load_model(spec: models.ModelSpec, plan: planner.Plan, *, model_ref=None, ra
 
         for p in net.parameters():
             p.requires_grad_(False)
-        net = get_peft_model(net, plan.lora_config())
+        net = get_peft_model(net, plan.lora_config(net))
     _checkpointing_prep(net, cfg)
     return net
 

@@ -182,3 +182,22 @@ def test_throughput_model_orders_what_it_should():
     big = planner.throughput(spec, StepConfig(method="lora"), card, batch_size=8, seq_len=512, grad_accum=2,
                              trainable=10**6).tokens_per_second
     assert big > speed(method="lora")  # fuller micro-batches use the card better
+
+
+def test_lora_config_reads_the_weight_layout_from_the_model_it_wraps():
+    import warnings
+
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from tests.conftest import tiny_gpt2
+
+    gpt2_plan = plan(tiny_gpt2(), "4GiB", method="lora", seq_len=64)
+    net = AutoModelForCausalLM.from_config(tiny_gpt2())
+    assert gpt2_plan.lora_config().fan_in_fan_out is False  # without the model, peft's default
+    assert gpt2_plan.lora_config(net).fan_in_fan_out is True  # GPT-2's Conv1D stores weights transposed
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # peft warns when it has to correct the layout itself
+        get_peft_model(net, gpt2_plan.lora_config(net))
+    llama_plan = plan(tiny_llama(), "4GiB", method="lora", seq_len=64)
+    assert llama_plan.lora_config(AutoModelForCausalLM.from_config(tiny_llama())).fan_in_fan_out is False
