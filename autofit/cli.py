@@ -356,7 +356,9 @@ def _train(args) -> int:
 def _cache(args) -> int:
     import shutil
 
-    from autofit import calibration, simulate
+    from autofit import calibration
+
+    from autofit.sim import simulate
 
     root = calibration.cache_root()
     if root is None:

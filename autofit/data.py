@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from autofit.errors import ConfigError, DataError, ModelError
+from autofit.sim.arch import ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -341,8 +342,6 @@ def load_tokenizer(model_ref):
     for a reference of another type, or a directory whose tokenizer files do not load.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerBase
-
-    from autofit.model import ModelSpec
 
     if isinstance(model_ref, PreTrainedTokenizerBase):
         return model_ref

@@ -1,18 +1,23 @@
 """Know the card: which GPU a plan is for, how much memory it has, and how fast it computes and moves data.
 
 A card comes from one of three places: a detected device (NVML through the official ``nvidia-ml-py`` binding,
-falling back to ``torch.cuda``), the built-in catalog below (``rtx3060``, ``A100 80GB``, ...), or a bare memory
-size (``12GiB``). Every quirk of NVML lives in this module. Bytes are ints; GiB appears only when printing.
+falling back to ``torch.cuda``), the built-in catalog (``rtx3060``, ``A100 80GB``, ...), or a bare memory size
+(``12GiB``). The catalog's figures, each with its source, live in ``autofit/catalog/gpus.json``; this module loads
+and checks it once. Every quirk of NVML lives in this module. Bytes are ints; GiB appears only when printing.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
+import json
 import logging
+import math
 import os
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 from autofit.errors import GpuError
 from autofit.units import GiB, MiB, fmt_bytes, parse_size
@@ -91,7 +96,7 @@ def _is_int(value: object) -> bool:
 # What the driver reports as total memory.
 #
 # cudaMemGetInfo's total (torch.cuda.mem_get_info, get_device_properties().total_memory) is the card's memory less
-# what the driver keeps back for itself. Public deviceQuery outputs on Linux, cited at each card below, show it
+# what the driver keeps back for itself. Public deviceQuery outputs on Linux, cited at each card in gpus.json, show it
 # keeping back 265-871 MiB on drivers 535-575: 512 MiB of a 48 GiB RTX 6000 Ada, 491 of a 45 GiB L40S, 762-871 MiB
 # of the 80 GiB A100s and H100, 366-461 of a 24 GiB 4090/3090, 536 of a 16 GiB 5060 Ti, 265 of a T4's 15 GiB.
 # Newer drivers keep more than older ones (uncited RTX 3060 outputs, see its entry: 244 MiB with driver 535, 387 MiB
@@ -118,7 +123,8 @@ def _reported_total(nominal_bytes: int, ecc: bool) -> int:
 # 71.2 for the 3090 (GA102 whitepaper: 71), 128 x 512 x 2.52 = 165.2 for the 4090 (Ada whitepaper:
 # 165.2), 170 x 512 x 2.407 = 209.5 for the 5090 (NVIDIA's figure, https://www.codesota.com/hardware/rtx-5090), and
 # hmc-tech.com's per-TGP laptop pages. Cards without a whitepaper row use it with TechPowerUp's SM count and boost
-# clock (https://www.techpowerup.com/gpu-specs/), confirmed against review spec tables noted at each card.
+# clock (https://www.techpowerup.com/gpu-specs/), confirmed against review spec tables noted at each card. In
+# gpus.json such a card gives {"geforce_rule": {"sms": ..., "boost_mhz": ...}} and the loader applies the rule.
 def _geforce_tflops(sms: int, boost_mhz: int) -> float:
     return round(sms * 512 * boost_mhz * 1e6 / 1e12, 1)
 
@@ -154,251 +160,6 @@ class CatalogCard:
                        peak_tflops_16=self.peak_tflops_16, bandwidth_gbs=self.bandwidth_gbs, source="catalog")
 
 
-# Sources named in the comments below:
-#   TPU          TechPowerUp GPU database, https://www.techpowerup.com/gpu-specs/ (SMs, boost clock, memory, bandwidth)
-#   Turing WP    NVIDIA Turing GPU Architecture whitepaper, GeForce spec tables
-#                ("Peak FP16 Tensor TFLOPS with FP32 Accumulate", reference clocks)
-#   GA102 WP     NVIDIA Ampere GA102 GPU Architecture whitepaper v2, GeForce spec tables and Appendix C (RTX A6000)
-#   Ada WP       NVIDIA Ada GPU Architecture whitepaper v2.01, GeForce spec tables
-#   hexus        hexus.net RTX 3060 Ti review, "Ampere and Turing Compared" table (boost clocks, shader counts)
-#   sveth        svethardware.cz RTX 40 Super launch table (CUDA cores, boost clocks, bandwidth of 4070-4090)
-#   hmc          hmc-tech.com per-TGP laptop pages (boost clock and "Tensor (FP32 Accumulate)" at each TGP)
-#   deviceQuery  "Total amount of global memory" printed by CUDA's deviceQuery sample (= cudaMemGetInfo total)
-# Compute capabilities: CUDA GPUs list, https://developer.nvidia.com/cuda-gpus (7.0 Volta, 7.5 Turing, 8.0 GA100,
-# 8.6 GA10x, 8.9 Ada, 9.0 Hopper, 12.0 GeForce Blackwell). Cards sharing an NVML name (3080 10/12/20 GB, 4060 Ti
-# 8/16 GB) are told apart by memory size; the most common variant comes first and owns the bare name.
-_TURING, _GA100, _GA10X, _ADA, _HOPPER, _BLACKWELL = (7, 5), (8, 0), (8, 6), (8, 9), (9, 0), (12, 0)
-
-CATALOG: tuple[CatalogCard, ...] = (
-    # --- Turing GeForce: FP16 tensor rate (no bf16) ----------------------------------------------------------
-    CatalogCard(key="rtx2060", name="NVIDIA GeForce RTX 2060", nominal_bytes=6 * GiB, compute_capability=_TURING,
-                peak_tflops_16=_geforce_tflops(30, 1680),  # TPU / hexus: 30 SMs (1920 cores), 1680 MHz
-                bandwidth_gbs=336.0),  # TPU: 14 Gbps x 192 bit
-    CatalogCard(key="rtx2060super", name="NVIDIA GeForce RTX 2060 SUPER", nominal_bytes=8 * GiB,
-                compute_capability=_TURING,
-                peak_tflops_16=_geforce_tflops(34, 1650),  # TPU review: 2176 cores = 34 SMs, 1650 MHz boost
-                bandwidth_gbs=448.0),  # TPU review: 14 Gbps x 256 bit
-    CatalogCard(key="rtx2070", name="NVIDIA GeForce RTX 2070", nominal_bytes=8 * GiB, compute_capability=_TURING,
-                peak_tflops_16=29.9,  # Turing WP (reference clocks; 31.5 for the Founders Edition)
-                bandwidth_gbs=448.0),  # Turing WP
-    CatalogCard(key="rtx2070super", name="NVIDIA GeForce RTX 2070 SUPER", nominal_bytes=8 * GiB,
-                compute_capability=_TURING,
-                peak_tflops_16=_geforce_tflops(40, 1770),  # hexus: 2560 cores = 40 SMs, 1770 MHz
-                bandwidth_gbs=448.0),  # TPU
-    CatalogCard(key="rtx2080", name="NVIDIA GeForce RTX 2080", nominal_bytes=8 * GiB, compute_capability=_TURING,
-                peak_tflops_16=40.3,  # Turing WP (reference clocks)
-                bandwidth_gbs=448.0),  # Turing WP
-    CatalogCard(key="rtx2080super", name="NVIDIA GeForce RTX 2080 SUPER", nominal_bytes=8 * GiB,
-                compute_capability=_TURING,
-                peak_tflops_16=_geforce_tflops(48, 1815),  # hexus: 3072 cores = 48 SMs, 1815 MHz
-                bandwidth_gbs=496.0),  # TPU: 15.5 Gbps x 256 bit
-    CatalogCard(key="rtx2080ti", name="NVIDIA GeForce RTX 2080 Ti", nominal_bytes=11 * GiB,
-                compute_capability=_TURING,
-                peak_tflops_16=53.8,  # Turing WP (reference clocks)
-                bandwidth_gbs=616.0),  # Turing WP
-    # --- Ampere GeForce ---------------------------------------------------------------------------------------
-    CatalogCard(key="rtx3050", name="NVIDIA GeForce RTX 3050", nominal_bytes=8 * GiB, compute_capability=_GA10X,
-                peak_tflops_16=_geforce_tflops(20, 1777),  # Tom's Hardware RTX 3050 review table: 20 SMs, 1777 MHz
-                bandwidth_gbs=224.0),  # same table
-    CatalogCard(key="rtx3060", name="NVIDIA GeForce RTX 3060", nominal_bytes=12 * GiB, compute_capability=_GA10X,
-                # Rule: 11776 MiB. deviceQuery outputs found by full-text search of public GitHub files (repositories
-                # not identified) show 11901-12044 MiB on Linux drivers 535-580, so the rule errs small here.
-                peak_tflops_16=_geforce_tflops(28, 1777),  # TPU: 28 SMs, 1777 MHz
-                bandwidth_gbs=360.0),  # TPU: 15 Gbps x 192 bit
-    CatalogCard(key="rtx3060ti", name="NVIDIA GeForce RTX 3060 Ti", nominal_bytes=8 * GiB, compute_capability=_GA10X,
-                peak_tflops_16=_geforce_tflops(38, 1665),  # hexus: 4864 cores = 38 SMs, 1665 MHz
-                bandwidth_gbs=448.0),  # TPU
-    CatalogCard(key="rtx3070", name="NVIDIA GeForce RTX 3070", nominal_bytes=8 * GiB, compute_capability=_GA10X,
-                peak_tflops_16=40.6,  # GA102 WP (RTX 3070)
-                bandwidth_gbs=448.0),  # GA102 WP
-    CatalogCard(key="rtx3070ti", name="NVIDIA GeForce RTX 3070 Ti", nominal_bytes=8 * GiB, compute_capability=_GA10X,
-                peak_tflops_16=_geforce_tflops(48, 1770),  # TPU: full GA104, 48 SMs, 1770 MHz
-                bandwidth_gbs=608.0),  # TPU: 19 Gbps GDDR6X x 256 bit
-    CatalogCard(key="rtx3080", name="NVIDIA GeForce RTX 3080", aliases=("rtx3080-10gb",), nominal_bytes=10 * GiB,
-                compute_capability=_GA10X,
-                peak_tflops_16=59.5,  # GA102 WP
-                bandwidth_gbs=760.0),  # GA102 WP
-    CatalogCard(key="rtx3080-12gb", name="NVIDIA GeForce RTX 3080", nominal_bytes=12 * GiB, compute_capability=_GA10X,
-                peak_tflops_16=_geforce_tflops(70, 1710),  # wccftech/Videocardz: 8960 cores = 70 SMs; TPU: 1710 MHz
-                bandwidth_gbs=912.0),  # wccftech: 19 Gbps x 384 bit
-    CatalogCard(key="rtx3080-20gb", name="NVIDIA GeForce RTX 3080", nominal_bytes=20 * GiB, compute_capability=_GA10X,
-                # A 20 GB board NVIDIA never listed (sold in small numbers, mostly in China): its SM count, clocks and
-                # memory bus could not be confirmed, so its speed is unknown.
-                peak_tflops_16=None, bandwidth_gbs=None),
-    CatalogCard(key="rtx3080ti", name="NVIDIA GeForce RTX 3080 Ti", nominal_bytes=12 * GiB, compute_capability=_GA10X,
-                peak_tflops_16=_geforce_tflops(80, 1665),  # TPU: 80 SMs, 1665 MHz
-                bandwidth_gbs=912.0),  # TPU: 19 Gbps x 384 bit
-    CatalogCard(key="rtx3090", name="NVIDIA GeForce RTX 3090", nominal_bytes=24 * GiB, compute_capability=_GA10X,
-                # deviceQuery, github.com/Jumperkables/cuda-benchmarking 00_deviceQuery/README.md (a driver recent
-                # enough for an RTX 5060 Ti in the same box)
-                reported_bytes=25_286_672_384,
-                peak_tflops_16=71.0,  # GA102 WP
-                bandwidth_gbs=936.0),  # GA102 WP
-    CatalogCard(key="rtx3090ti", name="NVIDIA GeForce RTX 3090 Ti", nominal_bytes=24 * GiB, compute_capability=_GA10X,
-                peak_tflops_16=_geforce_tflops(84, 1860),  # TweakTown: 84 SMs, 1860 MHz boost
-                bandwidth_gbs=1008.0),  # TweakTown: 21 Gbps x 384 bit
-    CatalogCard(key="rtx3060-laptop", name="NVIDIA GeForce RTX 3060 Laptop GPU", nominal_bytes=6 * GiB,
-                compute_capability=_GA10X,
-                # hmc: 30 SMs at 1567 MHz in a 95 W design (24.07 TFLOPS); low-TGP laptops are slower
-                peak_tflops_16=_geforce_tflops(30, 1567),
-                bandwidth_gbs=336.0),  # TPU: 14 Gbps x 192 bit
-    # --- Ada GeForce --------------------------------------------------------------------------------------------
-    CatalogCard(key="rtx4060", name="NVIDIA GeForce RTX 4060", nominal_bytes=8 * GiB, compute_capability=_ADA,
-                peak_tflops_16=_geforce_tflops(24, 2460),  # TPU (fpsbench.com copy): 24 SMs, 2460 MHz
-                bandwidth_gbs=272.0),  # same
-    CatalogCard(key="rtx4060ti", name="NVIDIA GeForce RTX 4060 Ti", aliases=("rtx4060ti-8gb",), nominal_bytes=8 * GiB,
-                compute_capability=_ADA,
-                peak_tflops_16=_geforce_tflops(34, 2535),  # TPU: 4352 cores = 34 SMs, 2535 MHz
-                bandwidth_gbs=288.0),  # TPU: 18 Gbps x 128 bit
-    CatalogCard(key="rtx4060ti-16gb", name="NVIDIA GeForce RTX 4060 Ti", nominal_bytes=16 * GiB,
-                compute_capability=_ADA,
-                # deviceQuery, github.com/thamada/nvidia-smi package/RTX4060Ti_deviceQuery.py (driver CUDA 12.4)
-                reported_bytes=16_857_038_848,
-                peak_tflops_16=_geforce_tflops(34, 2535),  # same chip and clocks as the 8 GB card
-                bandwidth_gbs=288.0),
-    CatalogCard(key="rtx4070", name="NVIDIA GeForce RTX 4070", nominal_bytes=12 * GiB, compute_capability=_ADA,
-                peak_tflops_16=_geforce_tflops(46, 2475),  # thefpsreview: 46 SMs, 2475 MHz
-                bandwidth_gbs=504.0),  # same
-    CatalogCard(key="rtx4070super", name="NVIDIA GeForce RTX 4070 SUPER", nominal_bytes=12 * GiB,
-                compute_capability=_ADA,
-                peak_tflops_16=_geforce_tflops(56, 2475),  # sveth: 7168 cores = 56 SMs, 2475 MHz
-                bandwidth_gbs=504.0),  # sveth
-    CatalogCard(key="rtx4070ti", name="NVIDIA GeForce RTX 4070 Ti", nominal_bytes=12 * GiB, compute_capability=_ADA,
-                peak_tflops_16=_geforce_tflops(60, 2610),  # sveth / TPU: 60 SMs, 2610 MHz
-                bandwidth_gbs=504.0),  # sveth
-    CatalogCard(key="rtx4070tisuper", name="NVIDIA GeForce RTX 4070 Ti SUPER", nominal_bytes=16 * GiB,
-                compute_capability=_ADA,
-                peak_tflops_16=_geforce_tflops(66, 2610),  # sveth: 8448 cores = 66 SMs, 2610 MHz
-                bandwidth_gbs=672.0),  # sveth
-    CatalogCard(key="rtx4080", name="NVIDIA GeForce RTX 4080", nominal_bytes=16 * GiB, compute_capability=_ADA,
-                peak_tflops_16=97.5,  # Ada WP (RTX 4080 16 GB)
-                bandwidth_gbs=716.8),  # Ada WP: 22.4 Gbps x 256 bit
-    CatalogCard(key="rtx4080super", name="NVIDIA GeForce RTX 4080 SUPER", nominal_bytes=16 * GiB,
-                compute_capability=_ADA,
-                peak_tflops_16=_geforce_tflops(80, 2550),  # sveth: 10240 cores = 80 SMs, 2550 MHz
-                bandwidth_gbs=736.0),  # sveth: 23 Gbps x 256 bit
-    CatalogCard(key="rtx4090", name="NVIDIA GeForce RTX 4090", nominal_bytes=24 * GiB, compute_capability=_ADA,
-                # deviceQuery, github.com/thamada/nvidia-smi gls/RTX4090_deviceQuery.py (driver CUDA 12.4)
-                reported_bytes=25_386_352_640,
-                peak_tflops_16=165.2,  # Ada WP
-                bandwidth_gbs=1008.0),  # Ada WP
-    CatalogCard(key="rtx4060-laptop", name="NVIDIA GeForce RTX 4060 Laptop GPU", nominal_bytes=8 * GiB,
-                compute_capability=_ADA,
-                peak_tflops_16=_geforce_tflops(24, 2370),  # hmc: 24 SMs at 2370 MHz in a 115 W design (29.12)
-                bandwidth_gbs=256.0),  # TPU: 16 Gbps x 128 bit
-    CatalogCard(key="rtx4070-laptop", name="NVIDIA GeForce RTX 4070 Laptop GPU", nominal_bytes=8 * GiB,
-                compute_capability=_ADA,
-                # notebookcheck/oemdrivers: 4608 cores = 36 SMs, boost 1230 MHz (35 W) to 2175 MHz (115 W)
-                peak_tflops_16=_geforce_tflops(36, 2175),
-                bandwidth_gbs=256.0),  # same: 16 Gbps x 128 bit
-    CatalogCard(key="rtx4090-laptop", name="NVIDIA GeForce RTX 4090 Laptop GPU", nominal_bytes=16 * GiB,
-                compute_capability=_ADA,
-                peak_tflops_16=_geforce_tflops(76, 2040),  # hmc: 76 SMs at 2040 MHz in a 150 W design (79.38)
-                bandwidth_gbs=576.0),  # hmc: 18 Gbps x 256 bit
-    # --- Blackwell GeForce --------------------------------------------------------------------------------------
-    CatalogCard(key="rtx5060ti", name="NVIDIA GeForce RTX 5060 Ti", aliases=("rtx5060ti-16gb",),
-                nominal_bytes=16 * GiB, compute_capability=_BLACKWELL,
-                # deviceQuery-style dump, github.com/Jumperkables/cuda-benchmarking 00_deviceQuery/README.md
-                reported_bytes=16_617_897_984,
-                peak_tflops_16=_geforce_tflops(36, 2572),  # Hardware Unboxed / TPU: 36 SMs, 2572 MHz
-                bandwidth_gbs=448.0),  # same: 28 Gbps x 128 bit
-    CatalogCard(key="rtx5070", name="NVIDIA GeForce RTX 5070", nominal_bytes=12 * GiB, compute_capability=_BLACKWELL,
-                peak_tflops_16=_geforce_tflops(48, 2512),  # NVIDIA CES 2025 table (TweakTown): 48 SMs, 2.51 GHz
-                bandwidth_gbs=672.0),  # same
-    CatalogCard(key="rtx5070ti", name="NVIDIA GeForce RTX 5070 Ti", nominal_bytes=16 * GiB,
-                compute_capability=_BLACKWELL,
-                peak_tflops_16=_geforce_tflops(70, 2452),  # same table: 70 SMs, 2.45 GHz (TPU: 2452 MHz)
-                bandwidth_gbs=896.0),  # same
-    CatalogCard(key="rtx5080", name="NVIDIA GeForce RTX 5080", nominal_bytes=16 * GiB, compute_capability=_BLACKWELL,
-                peak_tflops_16=_geforce_tflops(84, 2617),  # same table: 84 SMs, 2.62 GHz (TPU: 2617 MHz)
-                bandwidth_gbs=960.0),  # same
-    CatalogCard(key="rtx5090", name="NVIDIA GeForce RTX 5090", nominal_bytes=32 * GiB, compute_capability=_BLACKWELL,
-                peak_tflops_16=209.5,  # NVIDIA RTX Blackwell whitepaper figure (codesota.com: "FP16 dense 209.5")
-                bandwidth_gbs=1792.0),  # NVIDIA: 28 Gbps x 512 bit
-    # --- Data centre and workstation: full-rate FP32 accumulate, so the datasheet's dense figure applies --------
-    CatalogCard(key="t4", name="Tesla T4", nominal_bytes=16 * GiB, ecc=True, compute_capability=_TURING,
-                # deviceQuery on Colab (driver CUDA 12.4): 15095 MiB,
-                # github.com/sylvia-ymlin/cuda-kernels-from-scratch README.md (printed in whole MiB)
-                reported_bytes=15095 * MiB,
-                peak_tflops_16=65.0,  # T4 datasheet: "Mixed Precision (FP16/FP32) 65 TFLOPS"
-                bandwidth_gbs=320.0),  # T4 datasheet
-    CatalogCard(key="v100-16gb", name="Tesla V100-SXM2-16GB", aliases=("v100", "v100-sxm2-16gb"),
-                nominal_bytes=16 * GiB, compute_capability=(7, 0),
-                peak_tflops_16=125.0,  # V100 datasheet, SXM2: "Tensor Performance 125 TFLOPS" (PCIe: 112)
-                bandwidth_gbs=900.0),  # V100 datasheet
-    CatalogCard(key="v100-32gb", name="Tesla V100-SXM2-32GB", aliases=("v100-sxm2-32gb",), nominal_bytes=32 * GiB,
-                compute_capability=(7, 0),
-                peak_tflops_16=125.0,  # V100 datasheet, SXM2
-                bandwidth_gbs=900.0),  # V100 datasheet
-    CatalogCard(key="a10", name="NVIDIA A10", nominal_bytes=24 * GiB, ecc=True, compute_capability=_GA10X,
-                # deviceQuery-style dump (driver CUDA 12.2), github.com/aalanwyr/face2cuda step2cuda/README.md
-                reported_bytes=23_609_475_072,
-                peak_tflops_16=125.0,  # A10 datasheet: "BF16 Tensor Core 125 TF | 250 TF*" (* sparse)
-                bandwidth_gbs=600.0),  # A10 datasheet
-    CatalogCard(key="a10g", name="NVIDIA A10G", nominal_bytes=24 * GiB, ecc=True, compute_capability=_GA10X,
-                # AWS-only part with no NVIDIA datasheet; baseten.co says its tensor rate is below the A10's but no
-                # source gives the figure, so it is unknown.
-                peak_tflops_16=None,
-                bandwidth_gbs=600.0),  # https://www.baseten.co/blog/nvidia-a10-vs-a10g-for-ml-model-inference/
-    CatalogCard(key="l4", name="NVIDIA L4", nominal_bytes=24 * GiB, ecc=True, compute_capability=_ADA,
-                # deviceQuery (driver CUDA 12.4), github.com/thamada/nvidia-smi gls/L4_deviceQuery.py
-                reported_bytes=23_570_219_008,
-                peak_tflops_16=121.0,  # L4 datasheet: "FP16 Tensor Core 242 TFLOPS*" (* sparse)
-                bandwidth_gbs=300.0),  # L4 datasheet
-    CatalogCard(key="l40s", name="NVIDIA L40S", nominal_bytes=48 * GiB, ecc=True, compute_capability=_ADA,
-                # deviceQuery (driver CUDA 12.4), github.com/thamada/nvidia-smi nvsim/L40S_deviceQuery.py
-                reported_bytes=47_803_596_800,
-                peak_tflops_16=362.05,  # L40S datasheet: "BFLOAT16 Tensor Core 362.05 | 733*" (* sparse)
-                bandwidth_gbs=864.0),  # L40S datasheet
-    CatalogCard(key="a100-40gb", name="NVIDIA A100-SXM4-40GB", aliases=("a100-sxm4-40gb",), nominal_bytes=40 * GiB,
-                compute_capability=_GA100,
-                # deviceQuery (driver CUDA 12.2), github.com/bottlerocket-os/bottlerocket pull request #3873
-                reported_bytes=42_298_834_944,
-                peak_tflops_16=312.0,  # A100 datasheet / Hopper blog Table 3: "BF16 312/624" (dense/sparse)
-                bandwidth_gbs=1555.0),  # A100 datasheet, 40 GB SXM
-    CatalogCard(key="a100-80gb", name="NVIDIA A100-SXM4-80GB", aliases=("a100", "a100-sxm4-80gb", "a100-sxm"),
-                nominal_bytes=80 * GiB, compute_capability=_GA100,
-                # deviceQuery (driver CUDA 12.5), github.com/thamada/nvidia-smi gls/A100SXMx4_deviceQuery.py
-                reported_bytes=85_100_068_864,
-                peak_tflops_16=312.0,  # A100 datasheet
-                bandwidth_gbs=2039.0),  # A100 datasheet, 80 GB SXM
-    CatalogCard(key="a100-80gb-pcie", name="NVIDIA A100 80GB PCIe", aliases=("a100-pcie",), nominal_bytes=80 * GiB,
-                compute_capability=_GA100,
-                # mixbench-cuda "Total global mem: 81049 MB" (driver CUDA 12.3), github.com/ekondis/mixbench issue #47
-                reported_bytes=81049 * MiB,
-                peak_tflops_16=312.0,  # A100 datasheet
-                bandwidth_gbs=1935.0),  # A100 datasheet, 80 GB PCIe
-    CatalogCard(key="h100-sxm", name="NVIDIA H100 80GB HBM3", aliases=("h100", "h100-80gb", "h100-sxm5"),
-                nominal_bytes=80 * GiB, compute_capability=_HOPPER,
-                # deviceQuery (driver CUDA 12.7), github.com/thamada/nvidia-smi nvsim/H100SXMx8_deviceQuery.py
-                reported_bytes=85_045_477_376,
-                peak_tflops_16=989.4,  # H100 datasheet: "BF16 Tensor Core 1,979 TFLOPS*" (* sparse) / 2
-                bandwidth_gbs=3350.0),  # H100 datasheet, SXM: 3.35 TB/s
-    CatalogCard(key="h100-pcie", name="NVIDIA H100 PCIe", nominal_bytes=80 * GiB, compute_capability=_HOPPER,
-                peak_tflops_16=756.5,  # H100 datasheet, PCIe: "BF16 Tensor Core 1,513 TFLOPS*" (* sparse) / 2
-                bandwidth_gbs=2000.0),  # H100 datasheet, PCIe: 2 TB/s
-    CatalogCard(key="h200", name="NVIDIA H200", aliases=("h200-sxm",), nominal_bytes=141 * GiB,
-                compute_capability=_HOPPER,
-                # Rule: 142940 MiB. A public GitHub file found by full-text search (repository not identified)
-                # prints total_memory=143156MB for an H200.
-                peak_tflops_16=989.4,  # H200 datasheet: "BF16 Tensor Core 1,979 TFLOPS*" (* sparse) / 2
-                bandwidth_gbs=4800.0),  # H200 datasheet: 4.8 TB/s
-    CatalogCard(key="rtxa6000", name="NVIDIA RTX A6000", aliases=("a6000",), nominal_bytes=48 * GiB,
-                compute_capability=_GA10X,
-                peak_tflops_16=154.8,  # GA102 WP, Appendix C: "Peak FP16 Tensor TFLOPS with FP32 Accumulate 154.8"
-                bandwidth_gbs=768.0),  # GA102 WP / TPU: 16 Gbps x 384 bit
-    CatalogCard(key="rtx6000ada", name="NVIDIA RTX 6000 Ada Generation", aliases=("6000ada",),
-                nominal_bytes=48 * GiB, compute_capability=_ADA,
-                # deviceQuery (driver CUDA 12.4, ECC off),
-                # github.com/thamada/nvidia-smi gls/RTX6000Ada_x8_deviceQuery.py
-                reported_bytes=51_002_867_712,
-                # 142 SMs x 1024 (workstation cards run FP32 accumulate at full rate, as the A6000's 84 x 1024 x
-                # 1.8 GHz = 154.8 shows) x 2.505 GHz boost (TPU, via cputronic.com)
-                peak_tflops_16=364.2,
-                bandwidth_gbs=960.0),  # NVIDIA launch specs (grafikkarten.com): 20 Gbps x 384 bit
-)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Names: everything a user might type for a card, folded to one form.
 
@@ -411,6 +172,153 @@ def _norm(text: str) -> str:
     """``'NVIDIA GeForce RTX 4060 Laptop GPU'`` -> ``'rtx4060laptop'``: case, separators and vendor words dropped."""
     text = _SEPARATORS.sub(" ", text.lower())
     return _NOT_ALNUM.sub("", _VENDOR_WORDS.sub(" ", text))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The catalog lives in autofit/catalog/gpus.json: one object per card, with the source of each figure beside it as
+# data (FIELD_source), so a figure cannot lose its citation in an edit. Its "about" says what each field means;
+# "sources" spells out the abbreviations the source strings use. Checked once on import: a typo in the file should
+# stop autofit at once, naming the card and field, rather than plan for a card with a wrong or missing figure.
+
+_CATALOG_FILE = Path(__file__).parent / "catalog" / "gpus.json"
+_CATALOG_NAME = "gpus.json"  # how errors name the file: short, the message must stay one line
+_CATALOG_FIELDS = ("about", "sources", "compute_capability_source", "sections", "cards")
+_FIGURES = ("reported_bytes", "peak_tflops_16", "bandwidth_gbs")  # each needs FIELD_source unless null (unknown)
+_CARD_REQUIRED = ("key", "name", "aliases", "section", "nominal_gib", "ecc", "compute_capability", *_FIGURES)
+_CARD_OPTIONAL = (*(f"{figure}_source" for figure in _FIGURES), "note")
+
+
+@functools.cache
+def _load_catalog() -> tuple[CatalogCard, ...]:
+    """The cards of ``autofit/catalog/gpus.json`` in file order, checked by ``_parse_catalog``; read once."""
+    try:
+        data = json.loads(_CATALOG_FILE.read_text(encoding="utf-8"), object_pairs_hook=_object_once)
+    except (OSError, ValueError) as exc:  # ValueError covers JSONDecodeError and UnicodeDecodeError
+        raise GpuError(f"cannot read the GPU catalog {_CATALOG_FILE}: {exc}") from None
+    return _parse_catalog(data)
+
+
+def _object_once(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object whose fields each appear once: json keeps the last of a repeated field without a word."""
+    entry: dict[str, object] = {}
+    for field, value in pairs:
+        if field in entry:
+            key = dict(pairs).get("key")
+            where = f"card {key}" if isinstance(key, str) else "an object"
+            raise GpuError(f"{_CATALOG_NAME}: {where}: field {field!r} appears twice")
+        entry[field] = value
+    return entry
+
+
+def _parse_catalog(data: object) -> tuple[CatalogCard, ...]:
+    """``CatalogCard``s from the parsed catalog file, in its order (the first variant of an NVML name owns it).
+
+    Raises ``GpuError`` with one line naming the card and field for an unknown or missing field, a value of the
+    wrong type, a figure without its source, or a key or alias another card already answers to (compared as
+    ``resolve`` reads them, after ``_norm``).
+    """
+    if not isinstance(data, dict):
+        raise GpuError(f"{_CATALOG_NAME}: the top level must be a JSON object, got {type(data).__name__}")
+    _check_fields(_CATALOG_NAME, data, _CATALOG_FIELDS, ())
+    for field in ("about", "compute_capability_source"):
+        _want(_is_text(data[field]), _CATALOG_NAME, field, "a non-empty string", data[field])
+    for field in ("sources", "sections"):
+        table = data[field]
+        _want(isinstance(table, dict) and all(_is_text(k) and _is_text(v) for k, v in table.items()),
+              _CATALOG_NAME, field, "an object of non-empty strings", table)
+    _want(isinstance(data["cards"], list) and bool(data["cards"]), _CATALOG_NAME, "cards", "a non-empty list",
+          data["cards"])
+    cards: list[CatalogCard] = []
+    owners: dict[str, tuple[int, str]] = {}  # folded name -> (position, key) of the first card to claim it
+    for position, entry in enumerate(data["cards"]):
+        card = _parse_card(entry, position, data["sections"])
+        for field, name in [("key", card.key), *(("aliases", alias) for alias in card.aliases)]:
+            claim = (position, card.key)
+            owner = owners.setdefault(_norm(name), claim)
+            if owner is not claim:  # a second card, or the same card twice (an alias that folds to its own key)
+                raise GpuError(f"{_CATALOG_NAME}: card {card.key}: {field}: {name!r} is already a name of {owner[1]} "
+                               f"(card #{owner[0] + 1})")
+        cards.append(card)
+    return tuple(cards)
+
+
+def _parse_card(entry: object, position: int, sections: dict[str, str]) -> CatalogCard:
+    """One card object of the catalog file as a ``CatalogCard``; ``position`` names it when its key is unusable."""
+    if not isinstance(entry, dict):
+        raise GpuError(f"{_CATALOG_NAME}: card #{position + 1} must be a JSON object, got {entry!r}")
+    key = entry.get("key")
+    if not _is_text(key):
+        raise GpuError(f"{_CATALOG_NAME}: card #{position + 1}: key must be a non-empty string, got {key!r}")
+    where = f"{_CATALOG_NAME}: card {key}"
+    _check_fields(where, entry, _CARD_REQUIRED, _CARD_OPTIONAL)
+
+    def want(ok: bool, field: str, expected: str) -> None:
+        _want(ok, where, field, expected, entry[field])
+
+    want(_is_text(entry["name"]), "name", "a non-empty string")
+    aliases = entry["aliases"]
+    want(isinstance(aliases, list) and all(_is_text(a) for a in aliases), "aliases", "a list of non-empty strings")
+    want(isinstance(entry["section"], str) and entry["section"] in sections, "section",
+         f"one of {', '.join(sections)}")
+    want(_is_int(entry["nominal_gib"]) and entry["nominal_gib"] > 0, "nominal_gib", "a positive whole number of GiB")
+    want(isinstance(entry["ecc"], bool), "ecc", "true or false")
+    cc = entry["compute_capability"]
+    want(isinstance(cc, list) and len(cc) == 2 and all(_is_int(v) and v >= 0 for v in cc), "compute_capability",
+         "[major, minor] as two whole numbers")
+    reported = entry["reported_bytes"]
+    want(reported is None or (_is_int(reported) and reported > 0), "reported_bytes",
+         "a positive number of bytes or null")
+    peak = entry["peak_tflops_16"]
+    if isinstance(peak, dict):
+        rule = peak.get("geforce_rule")
+        want(set(peak) == {"geforce_rule"} and isinstance(rule, dict) and set(rule) == {"sms", "boost_mhz"}
+             and all(_is_int(v) and v > 0 for v in rule.values()), "peak_tflops_16",
+             'a positive number, null or {"geforce_rule": {"sms": N, "boost_mhz": N}}')
+        peak = _geforce_tflops(rule["sms"], rule["boost_mhz"])
+    else:
+        want(peak is None or _is_positive(peak), "peak_tflops_16",
+             'a positive number, null or {"geforce_rule": {"sms": N, "boost_mhz": N}}')
+    bandwidth = entry["bandwidth_gbs"]
+    want(bandwidth is None or _is_positive(bandwidth), "bandwidth_gbs", "a positive number or null")
+    for figure in _FIGURES:
+        source = entry.get(f"{figure}_source")
+        if entry[figure] is None and source is not None:  # a null figure is unknown: say why in note, not here
+            raise GpuError(f"{where}: {figure}_source is given but {figure} is null; explain an unknown figure "
+                           f"in note")
+        if entry[figure] is not None and not _is_text(source):
+            raise GpuError(f"{where}: {figure} has no {figure}_source (a non-empty string), got {source!r}")
+    if "note" in entry:
+        want(_is_text(entry["note"]), "note", "a non-empty string")
+    return CatalogCard(key=key, name=entry["name"], aliases=tuple(aliases), nominal_bytes=entry["nominal_gib"] * GiB,
+                       reported_bytes=reported, ecc=entry["ecc"], compute_capability=(cc[0], cc[1]),
+                       peak_tflops_16=None if peak is None else float(peak),
+                       bandwidth_gbs=None if bandwidth is None else float(bandwidth))
+
+
+def _check_fields(where: str, entry: dict, required: tuple[str, ...], optional: tuple[str, ...]) -> None:
+    unknown = [field for field in entry if field not in required and field not in optional]
+    if unknown:
+        raise GpuError(f"{where}: unknown field {unknown[0]!r}; the fields are {', '.join(required + optional)}")
+    missing = [field for field in required if field not in entry]
+    if missing:
+        raise GpuError(f"{where}: missing field {missing[0]!r}")
+
+
+def _want(ok: bool, where: str, field: str, expected: str, value: object) -> None:
+    if not ok:
+        raise GpuError(f"{where}: {field} must be {expected}, got {value!r}")
+
+
+def _is_text(value: object) -> bool:
+    return isinstance(value, str) and bool(value.strip())
+
+
+def _is_positive(value: object) -> bool:
+    """A finite number > 0 (JSON lets NaN and Infinity through; bools are not numbers here)."""
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+CATALOG: tuple[CatalogCard, ...] = _load_catalog()
 
 
 def _derived_names(card: CatalogCard) -> list[str]:

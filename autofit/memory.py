@@ -28,11 +28,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 
-from autofit import allocator, simulate
 from autofit import gpu as gpus
 from autofit import model as models
 from autofit.errors import ConfigError, SimulationError
-from autofit.simulate import (BACKWARD, CATEGORY_NAMES, FORWARD, HEAD, HOST, OPTIMIZE, Simulation, StepConfig)
+from autofit.sim import allocator, simulate
+from autofit.sim.simulate import (BACKWARD, CATEGORY_NAMES, FORWARD, HEAD, HOST, OPTIMIZE, OPTIMIZER, Simulation,
+                                  StepConfig)
 from autofit.units import MiB, fmt_bytes
 
 log = logging.getLogger(__name__)
@@ -604,8 +605,6 @@ def _fit_margin(sims, spec, workspaces) -> float:
 
 
 def _optimizer_bytes(sim: Simulation) -> int:
-    from autofit.simulate import OPTIMIZER
-
     return int(sim.timeline.sizes[sim.categories == OPTIMIZER].sum())
 
 

@@ -16,12 +16,13 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+from autofit import calibration, data, memory, probing
 from autofit import gpu as gpus
-from autofit import memory
 from autofit import model as models
 from autofit.errors import ConfigError, DoesNotFitError
 from autofit.memory import MemoryEstimate
-from autofit.simulate import StepConfig
+from autofit.plans import Plan
+from autofit.sim.simulate import StepConfig
 from autofit.units import GiB, MiB, fmt_bytes
 
 log = logging.getLogger(__name__)
@@ -97,190 +98,6 @@ def throughput(spec: models.ModelSpec, cfg: StepConfig, card: gpus.GpuInfo, *, b
     step = grad_accum * micro + optimizer
     return Throughput(step_seconds=step, tokens_per_second=grad_accum * tokens / step, compute_seconds=compute,
                       memory_seconds=memory_time + dequant_time, optimizer_seconds=optimizer)
-
-
-# -- the plan -----------------------------------------------------------------------------------------------------------
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Plan:
-    """Every knob of a fine-tuning run on one card, the memory estimate behind it, and why."""
-
-    model_name: str
-    gpu: gpus.GpuInfo
-    method: str
-    quantization: str
-    precision: str
-    gradient_checkpointing: bool
-    optimizer: str
-    lora_r: int | None
-    lora_alpha: int | None
-    lora_dropout: float | None
-    lora_targets: tuple[str, ...] | None
-    batch_size: int
-    grad_accum: int
-    effective_batch: int
-    seq_len: int
-    eval_batch_size: int
-    budget_bytes: int
-    estimate: MemoryEstimate
-    tokens_per_second: float
-    source: str  # "estimated" or "probed"
-    reasons: tuple[str, ...]
-    seq_len_source: str  # "user", "data" or "default"
-    truncated_share: float | None = None
-    expandable_segments: bool = False
-    alternatives: tuple[dict, ...] = ()  # close candidates a probe ranks by measured speed (config, batch, tokens/s)
-    trials: tuple = ()  # probe trials, when probed
-    measured_reserved: int | None = None  # peak reserved bytes the probe measured at the chosen micro-batch
-
-    def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.grad_accum < 1 or self.eval_batch_size < 1:
-            raise ConfigError("batch_size, grad_accum and eval_batch_size must be at least 1")
-        if self.batch_size * self.grad_accum != self.effective_batch:
-            raise ConfigError(f"batch_size x grad_accum must equal effective_batch ({self.batch_size} x "
-                              f"{self.grad_accum} != {self.effective_batch})")
-        if self.source not in ("estimated", "probed"):
-            raise ConfigError(f"source must be estimated or probed; got {self.source!r}")
-
-    # -- handing the plan to training code -------------------------------------------------------------------------
-    def training_arguments(self, output_dir: str = "out", **overrides):
-        """``transformers.TrainingArguments`` for this plan; ``overrides`` win.
-
-        A plan for a GPU built into arguments on a machine without CUDA fails transformers' own check; pass
-        ``use_cpu=True, bf16=False, fp16=False`` to build them there anyway (a dry run). Raises ``ConfigError``.
-        """
-        import dataclasses
-
-        from transformers import TrainingArguments
-
-        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
-        # transformers 5 renamed gradient checkpointing to activation checkpointing; use the name it has
-        ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
-        kwargs = dict(
-            output_dir=output_dir,
-            per_device_train_batch_size=self.batch_size,
-            per_device_eval_batch_size=self.eval_batch_size,
-            gradient_accumulation_steps=self.grad_accum,
-            bf16=self.precision == "bf16",
-            fp16=self.precision == "fp16",
-            optim={"adamw_8bit": "adamw_bnb_8bit"}.get(self.optimizer, self.optimizer),
-            max_grad_norm=1.0,
-        )
-        kwargs[ckpt] = self.gradient_checkpointing
-        if self.gradient_checkpointing:
-            kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": False}
-        if self.gpu.source == "host":
-            kwargs["use_cpu"] = True
-        kwargs.update(overrides)
-        try:
-            return TrainingArguments(**kwargs)
-        except ValueError as err:
-            raise ConfigError(f"transformers rejects these arguments here: {str(err).splitlines()[0]} (this plan is "
-                              f"for {self.gpu.name}; without it, pass use_cpu=True, bf16=False, fp16=False)") from None
-
-    def lora_config(self, model=None):
-        """The peft ``LoraConfig`` of this plan, or None for full fine-tuning. Given the ``model`` it will wrap, its
-        targets' weight layout is read from it (GPT-2's ``Conv1D`` stores weights transposed: ``fan_in_fan_out``)."""
-        if self.method == "full":
-            return None
-        from peft import LoraConfig
-
-        transposed = model is not None and any(
-            type(m).__name__ == "Conv1D" for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] in self.lora_targets)
-        return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=list(self.lora_targets), task_type="CAUSAL_LM", fan_in_fan_out=transposed)
-
-    def quantization_config(self):
-        """The transformers ``BitsAndBytesConfig`` of this plan, or None when weights stay 16-bit."""
-        if self.quantization == "none":
-            return None
-        import torch
-        from transformers import BitsAndBytesConfig
-
-        if self.quantization == "8bit":
-            return BitsAndBytesConfig(load_in_8bit=True)
-        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
-
-    @property
-    def step_config(self) -> StepConfig:
-        return self.estimate.config
-
-    @property
-    def headroom_bytes(self) -> int:
-        return self.budget_bytes - self.estimate.required_bytes
-
-    # -- serialisation ------------------------------------------------------------------------------------------------
-    def to_dict(self) -> dict:
-        out = {name: getattr(self, name) for name in self.__slots__}
-        out["gpu"] = asdict(self.gpu)
-        out["estimate"] = self.estimate.to_dict()
-        out["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
-        out["reasons"] = list(self.reasons)
-        out["trials"] = [asdict(t) if hasattr(t, "__dataclass_fields__") else t for t in self.trials]
-        out["alternatives"] = list(self.alternatives)
-        return out
-
-    def to_json(self, **kwargs) -> str:
-        return json.dumps(self.to_dict(), indent=2, **kwargs)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Plan":
-        data = dict(data)
-        gpu = dict(data["gpu"])
-        if gpu.get("compute_capability") is not None:
-            gpu["compute_capability"] = tuple(gpu["compute_capability"])
-        data["gpu"] = gpus.GpuInfo(**gpu)
-        data["estimate"] = MemoryEstimate.from_dict(data["estimate"])
-        data["lora_targets"] = tuple(data["lora_targets"]) if data.get("lora_targets") else None
-        data["reasons"] = tuple(data["reasons"])
-        trials = data.get("trials") or ()
-        if trials:
-            from autofit.probing import Trial
-
-            trials = tuple(Trial.from_dict(t) for t in trials)
-        data["trials"] = tuple(trials)
-        data["alternatives"] = tuple(data.get("alternatives") or ())
-        return cls(**data)
-
-    @classmethod
-    def from_json(cls, text: str) -> "Plan":
-        try:
-            return cls.from_dict(json.loads(text))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ConfigError(f"not a plan file autofit wrote ({type(err).__name__}: {err})") from None
-
-    def summary(self) -> str:
-        """The human table: knobs, memory at the peak, reasons."""
-        e = self.estimate
-        method = {"full": "full fine-tuning", "lora": f"LoRA r={self.lora_r}",
-                  "qlora": f"QLoRA r={self.lora_r} ({self.quantization})"}[self.method]
-        lines = [
-            f"plan for {self.model_name} on {self.gpu.name} ({self.source}"
-            + (f", {len(self.trials)} trials" if self.trials else "") + ")",
-            f"  method               {method}" + (f" on {','.join(self.lora_targets)}" if self.lora_targets else ""),
-            f"  micro-batch          {self.batch_size} x {self.seq_len} tokens",
-            f"  accumulation         {self.grad_accum} (effective batch {self.effective_batch})",
-            f"  sequence length      {self.seq_len} ({self.seq_len_source}"
-            + (f", {self.truncated_share:.1%} of samples truncated" if self.truncated_share is not None else "") + ")",
-            f"  checkpointing        {'on' if self.gradient_checkpointing else 'off'}",
-            f"  precision            {self.precision}",
-            f"  optimizer            {self.optimizer}",
-            f"  eval batch           {self.eval_batch_size}",
-            f"  est. throughput      {self.tokens_per_second:,.0f} tokens/s",
-            f"  memory               needs {fmt_bytes(e.required_bytes)} of a {fmt_bytes(self.budget_bytes)} budget "
-            f"({fmt_bytes(self.headroom_bytes)} headroom)",
-        ]
-        parts = e.components(tight=True)  # they sum to what the plan needs
-        width = max(len(k) for k in parts)
-        for name, value in parts.items():
-            lines.append(f"    {name:<{width}}  {fmt_bytes(value):>11}")
-        lines.append(f"    (on a card with memory to spare the allocator caches more: up to "
-                     f"{fmt_bytes(e.peak_reserved)} reserved, {fmt_bytes(e.device_total)} in nvidia-smi)")
-        lines.append("  why:")
-        lines.extend(f"    - {r}" for r in self.reasons)
-        lines.append("  use it:  args = plan.training_arguments(output_dir='out')  # transformers.TrainingArguments")
-        return "\n".join(lines)
 
 
 # -- the search ---------------------------------------------------------------------------------------------------------
@@ -372,8 +189,6 @@ def plan(
         reasons.append(f"sequence length shortened from {seq} to {shorter}: nothing fits at {seq}")
         seq, shortened = shorter, True
         if lengths is not None:
-            from autofit import data
-
             truncated = data.truncated_share(lengths, seq)
             reasons.append(f"{truncated:.1%} of the data's samples are longer than {seq} tokens and will be truncated")
 
@@ -404,8 +219,6 @@ def plan(
     )
     use_probe = probe if probe is not None else (card.source in ("nvml", "torch") and _cuda_present(card))
     if use_probe:
-        from autofit import probing
-
         result = probing.probe(result, spec=spec, progress=progress)
     return result
 
@@ -426,8 +239,6 @@ def _sequence_length(spec, seq_len, dataset, tokenizer, reasons):
         reasons.append(f"sequence length {seq_len} as asked")
         return seq_len, "user", None, None
     if dataset is not None:
-        from autofit import data
-
         samples = data.load_samples(dataset) if not isinstance(dataset, (list, tuple)) else list(dataset)
         tok = tokenizer or data.load_tokenizer(spec.name)
         if tok is None:
@@ -708,8 +519,6 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
 
 def _calibration(spec, cfg: StepConfig, card) -> tuple[float, int]:
     """(measured over estimated ratio, trials behind it) from earlier probes of this configuration on this card."""
-    from autofit import calibration
-
     if calibration.cache_root() is None:
         return 1.0, 0
     try:

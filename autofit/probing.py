@@ -30,11 +30,14 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from autofit import calibration, memory, simulate
+from autofit import calibration, memory
+from autofit import gpu as gpus
 from autofit import model as models
 from autofit.errors import ProbeError
-from autofit.simulate import StepConfig
-from autofit.tracker import Tracker
+from autofit.plans import Plan, Trial
+from autofit.sim import kbit, simulate
+from autofit.sim.simulate import StepConfig
+from autofit.sim.tracker import Tracker
 from autofit.units import fmt_bytes
 
 log = logging.getLogger(__name__)
@@ -50,51 +53,6 @@ def is_oom(err: BaseException) -> bool:
     if isinstance(err, torch.OutOfMemoryError):
         return True
     return isinstance(err, RuntimeError) and any(m in str(err) for m in _OOM_MESSAGES)
-
-
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Trial:
-    """One trial on the device: its knobs, what happened, what it measured."""
-
-    number: int
-    batch_size: int
-    seq_len: int
-    method: str
-    quantization: str
-    precision: str
-    gradient_checkpointing: bool
-    optimizer: str
-    eval_batch_size: int | None
-    outcome: str  # "fits" or "oom"
-    peak_allocated: int | None
-    peak_reserved: int | None
-    predicted_reserved: int  # the estimate's min_reserved for these knobs, before calibration
-    limit_bytes: int | None  # what the allocator was allowed
-    seconds: float  # wall time of the whole trial
-    step_seconds: float | None  # the last training step, after warm-up
-    tokens_per_second: float | None
-    memory_returned: bool  # allocated memory back at its level before the trial
-    isolated: bool  # ran in its own process
-    note: str = ""
-    device_used: int | None = None  # this process's memory on the card per NVML after the steps (nvidia-smi's view)
-
-    @property
-    def fits(self) -> bool:
-        return self.outcome == "fits"
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Trial":
-        return cls(**data)
-
-    def line(self) -> str:
-        knobs = f"batch {self.batch_size} x {self.seq_len}"
-        if not self.fits:
-            return f"trial {self.number}: {knobs}: out of memory ({self.seconds:.1f}s)"
-        return (f"trial {self.number}: {knobs}: fits, peak reserved {fmt_bytes(self.peak_reserved)} (estimate "
-                f"{fmt_bytes(self.predicted_reserved)}), {self.tokens_per_second:,.0f} tokens/s ({self.seconds:.1f}s)")
 
 
 # -- devices --------------------------------------------------------------------------------------------------------
@@ -135,8 +93,6 @@ class CudaDevice:
             torch.cuda.set_per_process_memory_fraction(1.0, self.index)
 
     def build(self, spec: models.ModelSpec, cfg: StepConfig) -> torch.nn.Module:
-        from autofit import kbit
-
         device = f"cuda:{self.index}"
         if cfg.quantization != "none" and kbit.bitsandbytes_available():
             model = kbit.build_bnb_model(spec, cfg, device)
@@ -160,8 +116,6 @@ class CudaDevice:
 
     def used_now(self) -> int | None:
         """This process's memory on the card as NVML (and nvidia-smi) sees it, or None where NVML cannot say."""
-        from autofit import gpu as gpus
-
         return gpus.process_memory(self.index)
 
     def cleanup(self) -> None:
@@ -459,8 +413,6 @@ def probe(plan, *, spec=None, device=None, isolate: bool = False, use_cache: boo
     """Confirms ``plan`` with real trials on ``device`` (default: the plan's CUDA card, capped at the plan's budget)
     and returns it marked ``probed``, with its trials, its measured headroom and, when alternatives were close, the
     configuration that measured fastest. Raises ``ProbeError`` when there is no device to probe or nothing runs."""
-    from autofit.planner import Plan
-
     spec = models.resolve(spec if spec is not None else plan.model_name)
     if device is None:
         if not torch.cuda.is_available() or plan.gpu.index is None:

@@ -26,7 +26,8 @@ from transformers import TrainerCallback
 
 from autofit import data as datasets
 from autofit import gpu as gpus
-from autofit import kbit, planner
+from autofit import planner
+from autofit.sim import kbit
 from autofit import model as models
 from autofit.errors import ConfigError, DataError, ModelError
 from autofit.files import write_atomic

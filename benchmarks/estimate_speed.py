@@ -20,7 +20,8 @@ import sys
 import time
 
 import_started = time.perf_counter()
-from autofit import memory, model, simulate  # noqa: E402
+from autofit import memory, model  # noqa: E402
+from autofit.sim import simulate
 from autofit import gpu as gpus  # noqa: E402
 
 IMPORT_SECONDS = time.perf_counter() - import_started

@@ -14,8 +14,10 @@ from pathlib import Path
 
 import torch
 
-from autofit import calibration, gpu, kbit, memory, model, probing, simulate
-from autofit.simulate import StepConfig
+from autofit import calibration, gpu, memory, model, probing
+
+from autofit.sim import kbit, simulate
+from autofit.sim.simulate import StepConfig
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = ["distilgpt2", "openai-community/gpt2", "openai-community/gpt2-medium", "HuggingFaceTB/SmolLM2-135M",

@@ -18,7 +18,9 @@ import os
 import sys
 import time
 
-from autofit import memory, model, planner, simulate
+from autofit import memory, model, planner
+
+from autofit.sim import simulate
 from autofit.errors import DoesNotFitError
 
 

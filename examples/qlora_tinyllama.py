@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 import autofit
-from autofit import kbit
+from autofit.sim import kbit
 
 
 def main(argv=None):

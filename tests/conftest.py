@@ -64,6 +64,6 @@ def _no_disk_cache(monkeypatch, request):
     if "disk_cache" not in request.keywords:
         monkeypatch.setenv("AUTOFIT_CACHE", "off")
     monkeypatch.setenv("AUTOFIT_WORKERS", "1")
-    from autofit import simulate
+    from autofit.sim import simulate
 
     simulate._CACHE.clear()

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from autofit import allocator
-from autofit.allocator import AllocatorOutOfMemory, CachingAllocator
+from autofit.sim import allocator
+from autofit.sim.allocator import AllocatorOutOfMemory, CachingAllocator
 
 MiB = 1 << 20
 

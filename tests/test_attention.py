@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from autofit.attention import CUDNN, EFFICIENT, FLASH, MATH, select_backend
+from autofit.sim.attention import CUDNN, EFFICIENT, FLASH, MATH, select_backend
 
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 

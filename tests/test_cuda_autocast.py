@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from autofit.cuda_autocast import CUDA_POLICY, CudaAutocast, registered_ops
+from autofit.sim.cuda_autocast import CUDA_POLICY, CudaAutocast, registered_ops
 
 
 def test_table_knows_every_op_cuda_autocast_handles():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 import types
@@ -110,6 +111,116 @@ def test_rule_agrees_with_every_measured_card():
 ])
 def test_geforce_rate_reproduces_whitepapers(sms, boost_mhz, whitepaper):
     assert gpu._geforce_tflops(sms, boost_mhz) == pytest.approx(whitepaper, abs=0.25)
+
+
+# --- the catalog file (autofit/catalog/gpus.json) --------------------------------------------------------------
+
+FIGURES = ("reported_bytes", "peak_tflops_16", "bandwidth_gbs")
+
+
+def catalog_data() -> dict:
+    """A fresh parse of the catalog file, free to change."""
+    return json.loads(gpu._CATALOG_FILE.read_text(encoding="utf-8"))
+
+
+def card_entry(data: dict, key: str) -> dict:
+    return next(entry for entry in data["cards"] if entry["key"] == key)
+
+
+def test_catalog_file_builds_the_catalog_once():
+    assert gpu._parse_catalog(catalog_data()) == CATALOG
+    assert gpu._load_catalog() is CATALOG
+    entry = card_entry(catalog_data(), "rtx3060")  # the GeForce rule is applied by the loader
+    assert entry["peak_tflops_16"] == {"geforce_rule": {"sms": 28, "boost_mhz": 1777}}
+    assert resolve("rtx3060").peak_tflops_16 == gpu._geforce_tflops(28, 1777) == 25.5
+
+
+def test_every_figure_in_the_catalog_file_has_a_source():
+    data = catalog_data()
+    assert data["compute_capability_source"].strip()
+    for entry in data["cards"]:
+        for figure in FIGURES:
+            source = entry.get(f"{figure}_source")
+            if entry[figure] is None:
+                assert source is None, f"{entry['key']}: {figure} is null but has a source"
+                if figure != "reported_bytes":  # a null total means the rule applies; a null speed needs a reason
+                    assert entry.get("note", "").strip(), f"{entry['key']}: unknown {figure} without a note"
+            else:
+                assert isinstance(source, str) and source.strip(), f"{entry['key']}: {figure} has no source"
+    used = " ".join(entry.get(f"{figure}_source") or "" for entry in data["cards"] for figure in FIGURES)
+    for abbreviation in data["sources"]:  # every legend entry is cited somewhere
+        assert abbreviation in used, abbreviation
+
+
+def _set(key: str, field: str, value):
+    return lambda data: card_entry(data, key).__setitem__(field, value)
+
+
+@pytest.mark.parametrize("change, words", [
+    pytest.param(_set("rtx3060", "tdp_w", 170), ["card rtx3060", "unknown field 'tdp_w'"], id="unknown-field"),
+    pytest.param(lambda data: card_entry(data, "rtx3060").pop("ecc"), ["card rtx3060", "missing field 'ecc'"],
+                 id="missing-field"),
+    pytest.param(lambda data: card_entry(data, "rtx3060").pop("bandwidth_gbs_source"),
+                 ["card rtx3060", "bandwidth_gbs_source"], id="figure-without-source"),
+    pytest.param(_set("rtx3080-20gb", "peak_tflops_16_source", "TPU"), ["card rtx3080-20gb", "peak_tflops_16_source"],
+                 id="source-for-unknown-figure"),
+    pytest.param(lambda data: data["cards"].append(dict(card_entry(data, "rtx3060"))),
+                 ["card rtx3060", "key", "already a name of rtx3060"], id="duplicate-key"),
+    pytest.param(_set("rtx3080-12gb", "aliases", ["RTX 3080 10GB"]),
+                 ["card rtx3080-12gb", "aliases", "already a name of rtx3080"], id="duplicate-alias"),
+    pytest.param(_set("rtx3060", "aliases", ["RTX 3060"]), ["card rtx3060", "aliases", "already a name of rtx3060"],
+                 id="alias-of-its-own-key"),
+    pytest.param(_set("rtx3060", "nominal_gib", "12"), ["card rtx3060", "nominal_gib"], id="size-as-text"),
+    pytest.param(_set("rtx3060", "nominal_gib", True), ["card rtx3060", "nominal_gib"], id="size-as-bool"),
+    pytest.param(_set("t4", "ecc", "yes"), ["card t4", "ecc"], id="ecc-as-text"),
+    pytest.param(_set("rtx3060", "compute_capability", [8]), ["card rtx3060", "compute_capability"], id="cc"),
+    pytest.param(_set("rtx3060", "aliases", "3060"), ["card rtx3060", "aliases"], id="aliases-as-text"),
+    pytest.param(_set("rtx3060", "section", "ampere"), ["card rtx3060", "section"], id="unknown-section"),
+    pytest.param(_set("rtx3060", "section", ["ampere-geforce"]), ["card rtx3060", "section"], id="section-as-list"),
+    pytest.param(_set("rtx3090", "reported_bytes", 2.5e10), ["card rtx3090", "reported_bytes"], id="bytes-as-float"),
+    pytest.param(_set("rtx3060", "peak_tflops_16", "25.5"), ["card rtx3060", "peak_tflops_16"], id="peak-as-text"),
+    pytest.param(_set("rtx3060", "peak_tflops_16", {"geforce_rule": {"sms": 28}}), ["card rtx3060", "peak_tflops_16"],
+                 id="geforce-rule-without-clock"),
+    pytest.param(_set("rtx3060", "bandwidth_gbs", 0), ["card rtx3060", "bandwidth_gbs"], id="zero-bandwidth"),
+    pytest.param(_set("rtx3060", "bandwidth_gbs", float("inf")), ["card rtx3060", "bandwidth_gbs"],
+                 id="infinite-bandwidth"),
+    pytest.param(_set("rtx3060", "key", 3060), ["card #9", "key"], id="key-as-number"),
+    pytest.param(lambda data: data["cards"].__setitem__(0, "rtx2060"), ["card #1"], id="card-as-text"),
+    pytest.param(lambda data: data.__setitem__("gpus", []), ["unknown field 'gpus'"], id="unknown-top-field"),
+    pytest.param(lambda data: data.pop("sources"), ["missing field 'sources'"], id="missing-legend"),
+])
+def test_malformed_catalog_names_the_card_and_field(change, words):
+    data = catalog_data()
+    change(data)
+    with pytest.raises(GpuError) as err:
+        gpu._parse_catalog(data)
+    message = one_line(err.value)
+    assert message.startswith("gpus.json: ")
+    for word in words:
+        assert word in message
+
+
+def test_unreadable_catalog_file_is_one_line(monkeypatch, tmp_path):
+    broken = tmp_path / "gpus.json"
+    broken.write_text('{"cards": [', encoding="utf-8")
+    monkeypatch.setattr(gpu, "_CATALOG_FILE", broken)
+    with pytest.raises(GpuError) as err:
+        gpu._load_catalog.__wrapped__()  # past the cache, which holds the real file's cards
+    assert one_line(err.value).startswith("cannot read the GPU catalog ")
+
+
+def test_repeated_field_in_the_catalog_file_is_refused(monkeypatch, tmp_path):
+    """json.loads would keep the second of two peak_tflops_16 lines silently; the loader names the card."""
+    text = gpu._CATALOG_FILE.read_text(encoding="utf-8")
+    first = '"peak_tflops_16": {"geforce_rule": {"sms": 28, "boost_mhz": 1777}},'
+    assert text.count(first) == 1
+    repeated = tmp_path / "gpus.json"
+    repeated.write_text(text.replace(first, first + ' "peak_tflops_16": 30.0,'), encoding="utf-8")
+    monkeypatch.setattr(gpu, "_CATALOG_FILE", repeated)
+    with pytest.raises(GpuError) as err:
+        gpu._load_catalog.__wrapped__()
+    message = one_line(err.value)
+    assert "card rtx3060" in message and "'peak_tflops_16' appears twice" in message
 
 
 # --- resolve ---------------------------------------------------------------------------------------------------

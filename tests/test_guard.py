@@ -4,7 +4,7 @@ import torch
 from autofit import data
 from autofit.errors import DoesNotFitError
 from autofit.guard import guard
-from autofit.tracker import Tracker
+from autofit.sim.tracker import Tracker
 from tests.conftest import tiny_llama
 
 TEXTS = [f"sample {i} " + "the quick brown fox jumps over the lazy dog " * (1 + i % 3) for i in range(64)]

@@ -1,6 +1,6 @@
 import torch
 
-from autofit import kbit
+from autofit.sim import kbit
 from tests.conftest import tiny_llama
 
 

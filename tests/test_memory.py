@@ -3,10 +3,12 @@ import time
 import numpy as np
 import pytest
 
-from autofit import memory, model, simulate
+from autofit import memory, model
+
+from autofit.sim import simulate
 from autofit.errors import ConfigError, GpuError, SimulationError
-from autofit.simulate import StepConfig
-from autofit.tracker import round_bytes
+from autofit.sim.simulate import StepConfig
+from autofit.sim.tracker import round_bytes
 from tests.conftest import tiny_gemma2, tiny_llama
 
 

@@ -81,7 +81,7 @@ def test_sequence_is_shortened_only_when_nothing_else_fits():
 
 
 def _record_simulations(monkeypatch) -> list:
-    from autofit import simulate
+    from autofit.sim import simulate
 
     requested = []
     run_many = simulate.run_many
@@ -171,7 +171,7 @@ def test_fit_table_lists_every_model_or_why_not():
 
 def test_throughput_model_orders_what_it_should():
     from autofit import model
-    from autofit.simulate import StepConfig
+    from autofit.sim.simulate import StepConfig
 
     spec, card = model.resolve("TinyLlama/TinyLlama-1.1B-Chat-v1.0"), gpu.resolve("rtx3060")
     speed = lambda **kw: planner.throughput(spec, StepConfig(**kw), card, batch_size=4, seq_len=512, grad_accum=4,

@@ -8,7 +8,7 @@ from autofit import model as models
 from autofit.errors import ProbeError
 from autofit.gpu import GpuInfo
 from autofit.probing import BudgetedCpuDevice, is_oom
-from autofit.simulate import StepConfig
+from autofit.sim.simulate import StepConfig
 from tests.conftest import tiny_gpt2
 
 SEQ = 128

@@ -4,9 +4,11 @@ from collections import Counter
 import pytest
 import torch
 
-from autofit import model, simulate
-from autofit.simulate import StepConfig
-from autofit.tracker import Tracker, round_bytes
+from autofit import model
+
+from autofit.sim import simulate
+from autofit.sim.simulate import StepConfig
+from autofit.sim.tracker import Tracker, round_bytes
 from tests.conftest import tiny_gpt2, tiny_llama
 
 CASES = list(itertools.product(["full", "lora"], [False, True], ["fp32", "bf16"]))

@@ -8,7 +8,7 @@ import pytest
 from autofit import planner, training
 from autofit.cli import main as cli
 from autofit.errors import ConfigError, ModelError
-from autofit.tracker import Tracker
+from autofit.sim.tracker import Tracker
 from tests.conftest import tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]

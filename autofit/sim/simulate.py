@@ -27,11 +27,10 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 
-from autofit import attention, kbit
-from autofit import model as models
-from autofit.cuda_autocast import CudaAutocast
 from autofit.errors import ConfigError, SimulationError
-from autofit.tracker import Tracker, Timeline
+from autofit.sim import arch, attention, kbit
+from autofit.sim.cuda_autocast import CudaAutocast
+from autofit.sim.tracker import Tracker, Timeline
 
 log = logging.getLogger(__name__)
 
@@ -126,9 +125,9 @@ class Simulation:
 
 
 # -- building the model as the method loads it -----------------------------------------------------------------------
-def build_model(spec: models.ModelSpec, cfg: StepConfig, num_layers: int, *, device: str = "meta") -> nn.Module:
+def build_model(spec: arch.ModelSpec, cfg: StepConfig, num_layers: int, *, device: str = "meta") -> nn.Module:
     """The model ``cfg.method`` trains, with ``num_layers`` decoder layers, on ``device`` (``meta`` or ``cpu``)."""
-    config = models.with_layers(spec.config, num_layers)
+    config = arch.with_layers(spec.config, num_layers)
     if cfg.method == "full":
         dtype = torch.float32
     else:
@@ -146,7 +145,7 @@ def build_model(spec: models.ModelSpec, cfg: StepConfig, num_layers: int, *, dev
     for p in model.parameters():
         p.requires_grad_(False)
     targets = cfg.lora_targets or spec.lora_targets
-    model = models.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha or 2 * cfg.lora_r, dropout=cfg.lora_dropout,
+    model = arch.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha or 2 * cfg.lora_r, dropout=cfg.lora_dropout,
                               targets=targets, device=device)
     if cfg.quantization != "none":
         kbit.use_bnb_lora_forward(model)
@@ -372,7 +371,7 @@ def _traced_step(model, optimizer, params, cfg, autocast, tracker, recorder, ste
 
 
 def run(
-    spec: models.ModelSpec,
+    spec: arch.ModelSpec,
     cfg: StepConfig,
     *,
     batch_size: int,
@@ -424,7 +423,7 @@ def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels, ev
         model.train()
         if cfg.gradient_checkpointing:
             _enable_checkpointing(model)
-        params = [p for p in models.unique_params(model) if p.requires_grad]
+        params = [p for p in arch.unique_params(model) if p.requires_grad]
         tracker = Tracker(budget=budget)
         tracker.adopt(list(model.parameters()) + list(model.buffers()))
         recorder = _Recorder(tracker, decoder_layers(model))
@@ -483,7 +482,7 @@ _POOL = None
 class Job:
     """One simulation to run: what ``run`` takes."""
 
-    spec: models.ModelSpec
+    spec: arch.ModelSpec
     cfg: StepConfig
     batch_size: int
     seq_len: int

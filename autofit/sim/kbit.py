@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from autofit.sim import arch
+
 BLOCK = 64  # bitsandbytes' default 4-bit blocksize
 NESTED_BLOCK = 256  # blocksize of the double-quantized absmax
 
@@ -239,8 +241,6 @@ def build_bnb_model(spec, cfg, device: str) -> nn.Module:
     import bitsandbytes as bnb
     from transformers import AutoModelForCausalLM
 
-    from autofit import model as models
-
     with torch.device("cpu"):
         model = AutoModelForCausalLM.from_config(spec.config, dtype=cfg.half)
     for parent, name, child, (d_in, d_out, has_bias) in _quantizable_linears(model):
@@ -258,5 +258,5 @@ def build_bnb_model(spec, cfg, device: str) -> nn.Module:
     upcast_non_quantized(model)
     model = model.to(device)
     targets = cfg.lora_targets or spec.lora_targets
-    return models.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha or 2 * cfg.lora_r, dropout=cfg.lora_dropout,
+    return arch.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha or 2 * cfg.lora_r, dropout=cfg.lora_dropout,
                              targets=targets, device=device)
