@@ -15,6 +15,10 @@ from dataclasses import asdict
 
 from autofit.errors import AutofitError
 
+# autofit.sim.simulate.PRECISIONS and their short names, spelled out so that --help needs no torch (tests/test_cli.py
+# checks they agree)
+PRECISION_CHOICES = ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "32-true", "bf16", "fp16", "fp32")
+
 EPILOG = """examples:
   autofit probe distilgpt2 --gpu rtx3060            plan every knob for a card (probes it when present)
   autofit fit --gpu rtx4060-laptop                  which catalog models fit an 8 GB laptop card, and how
@@ -65,8 +69,11 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
                    help="full fine-tuning, LoRA adapters on a 16-bit base, or LoRA on a 4/8-bit base (default: full)")
     g.add_argument("--quantization", choices=("none", "8bit", "4bit"), default=None,
                    help="base weights for qlora (default: 4bit for qlora, none otherwise)")
-    g.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None,
-                   help="mixed precision (default: bf16 where the card supports it, else fp16)")
+    g.add_argument("--precision", choices=PRECISION_CHOICES, default=None, metavar="PRECISION",
+                   help="bf16-mixed or 16-mixed (fp32 weights, 16-bit autocast), bf16-true or 16-true (16-bit "
+                        "weights, gradients and optimizer states, no autocast: a model loaded in bf16), 32-true; "
+                        "bf16, fp16 and fp32 are short for bf16-mixed, 16-mixed and 32-true (default: bf16-mixed "
+                        "where the card supports bf16, else 16-mixed)")
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer in backward instead of keeping its activations")
     g.add_argument("--optimizer", choices=("adamw_torch_fused", "adamw_torch", "adamw_8bit"),
@@ -119,7 +126,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="auto: the strongest method that fits a useful micro-batch (default)")
     p.add_argument("--data", metavar="FILE", help="text, JSON lines or chat data: the sequence length is measured")
     p.add_argument("--quantization", choices=("4bit", "8bit"), default=None, help="base weights for qlora")
-    p.add_argument("--precision", choices=("bf16", "fp16", "fp32"), default=None)
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, metavar="PRECISION",
+                   help="as for estimate; default: what the card supports, mixed")
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto")
     p.add_argument("--lora-r", type=int, default=16, metavar="N")
     p.add_argument("--lora-targets", type=_csv, default=None, metavar="A,B")

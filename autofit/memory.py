@@ -27,6 +27,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import numpy as np
+import torch
 
 from autofit import gpu as gpus
 from autofit import model as models
@@ -260,7 +261,7 @@ def _blocks(sim: Simulation) -> dict[tuple[int, str, int], tuple[int, int]]:
 
 
 # -- fitting candidates over depth and shape ---------------------------------------------------------------------------
-def _phi(batch_size, seq_len, features: str) -> np.ndarray:
+def shape_features(batch_size, seq_len, features: str) -> np.ndarray:
     """Shape features, scaled to keep fits well conditioned (sequence lengths in units of 1024 tokens).
 
     ``"bs"``: (1, s, s^2, b*s, b*s^2), every allocation's size over batch and sequence; ``"b"``: (1, b) at a fixed
@@ -299,14 +300,14 @@ class _Envelope:
     features: str
 
     def at(self, batch_size: int, seq_len: int) -> tuple[int, np.ndarray, str]:
-        phi = _phi(batch_size, seq_len, self.features)
+        phi = shape_features(batch_size, seq_len, self.features)
         totals = self.totals @ phi
         best = int(np.argmax(totals))
         by_category = np.rint(phi @ self.weights[best]).astype(np.int64)
         return int(round(totals[best])), by_category, self.labels[best]
 
 
-def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers: int) -> _Envelope:
+def fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers: int) -> _Envelope:
     """Fits candidate peaks over (depth, block index, shape) and evaluates depth at ``target_layers``."""
     depths = sorted({s.num_layers for s in sims})
     features = _feature_set((s.batch_size, s.seq_len) for s in sims)
@@ -318,7 +319,7 @@ def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers:
     phases: dict[tuple, int] = {}
     block_sizes: dict[tuple, set[int]] = {}
     for n, sim in enumerate(sims):
-        phi = _phi(sim.batch_size, sim.seq_len, features)
+        phi = shape_features(sim.batch_size, sim.seq_len, features)
         counts: dict[tuple, int] = {}
         rows: dict[int | None, np.ndarray] = {}
         for point in _points(sim, _layer_types(spec, sim.num_layers)):
@@ -406,7 +407,7 @@ def _describe(slot, index, phase, depth) -> str:
 
 
 # -- shapes to simulate ---------------------------------------------------------------------------------------------
-def _regime(spec: models.ModelSpec, seq_len: int) -> str:
+def mask_regime(spec: models.ModelSpec, seq_len: int) -> str:
     """Transformers builds an explicit sliding-window mask once a sequence reaches the window: another code path."""
     window = spec.sliding_window
     return "windowed" if window and seq_len >= window else "plain"
@@ -437,7 +438,7 @@ def simulated_depths(spec: models.ModelSpec, *, deep: bool = False) -> tuple[int
     return (spec.num_layers,) if spec.num_layers <= depths[1] else depths
 
 
-def _simulate_depths(spec, cfg, shapes, progress, eval_batch_size=None, eval_with_batch=False
+def simulate_depths(spec, cfg, shapes, progress, eval_batch_size=None, eval_with_batch=False
                      ) -> tuple[tuple[int, ...], list[Simulation], "_Envelope"]:
     """Simulations of ``shapes`` at the shallow depths, or the deep ones when the shallow fit cannot be made; an
     evaluation pass of ``eval_batch_size`` (or, with ``eval_with_batch``, of each shape's batch) follows the steps."""
@@ -448,7 +449,7 @@ def _simulate_depths(spec, cfg, shapes, progress, eval_batch_size=None, eval_wit
                 for d in depths for b, s in shapes]
         sims = simulate.run_many(jobs, progress)
         try:
-            return depths, sims, _fit_envelope(sims, spec, spec.num_layers)
+            return depths, sims, fit_envelope(sims, spec, spec.num_layers)
         except SimulationError:
             if deep or len(depths) == 1:
                 raise
@@ -476,9 +477,9 @@ class StepModel:
             shapes = [(2, seq_len), (4, seq_len)]
         else:
             shapes = _fit_shapes(spec, "plain")
-        self.depths, sims, self.envelope = _simulate_depths(spec, cfg, shapes, progress, eval_with_batch=evaluate)
+        self.depths, sims, self.envelope = simulate_depths(spec, cfg, shapes, progress, eval_with_batch=evaluate)
         self._eval_line = _fit_eval(sims, self.depths, spec) if evaluate and seq_len is not None else None
-        self.workspaces = _workspaces(cfg)
+        self.workspaces = workspace_bytes(cfg)
         self._margin_share = 0.0 if cfg.device == "cpu" else _fit_margin(sims, spec, self.workspaces)
         self.kernel = _kernel_name(sims[-1])
         self.build_seconds = time.perf_counter() - started
@@ -515,11 +516,11 @@ class StepModel:
         return seq_len
 
 
-def _workspaces(cfg: StepConfig) -> int:
+def workspace_bytes(cfg: StepConfig) -> int:
     return WORKSPACE_THREADS * cublas_workspace_bytes(cfg.compute_capability) if cfg.device == "cuda" else 0
 
 
-def _device_stream(sim: Simulation) -> np.ndarray:
+def device_events(sim: Simulation) -> np.ndarray:
     """The events of ``sim`` that touch device memory (host-side step counters left out)."""
     tl = sim.timeline
     on_device = sim.categories != HOST
@@ -530,7 +531,7 @@ def _replay(sim: Simulation, workspaces: int, *, expandable: bool = False) -> al
     key = ("replay", workspaces, expandable)
     if key not in sim.memo:
         extra = (workspaces // WORKSPACE_THREADS,) * WORKSPACE_THREADS if workspaces else ()
-        sim.memo[key] = allocator.replay(sim.timeline.sizes, _device_stream(sim),
+        sim.memo[key] = allocator.replay(sim.timeline.sizes, device_events(sim),
                                          baseline_uids=range(sim.timeline.adopted), extra=extra, expandable=expandable)
     return sim.memo[key]
 
@@ -539,13 +540,13 @@ def _min_reserved(sim: Simulation, workspaces: int, *, expandable: bool = False)
     key = ("min_reserved", workspaces, expandable)
     if key not in sim.memo:
         extra = (workspaces // WORKSPACE_THREADS,) * WORKSPACE_THREADS if workspaces else ()
-        sim.memo[key] = allocator.min_limit(sim.timeline.sizes, _device_stream(sim),
+        sim.memo[key] = allocator.min_limit(sim.timeline.sizes, device_events(sim),
                                             baseline_uids=range(sim.timeline.adopted), extra=extra,
                                             expandable=expandable)
     return sim.memo[key]
 
 
-def _device_peak(sim: Simulation) -> int:
+def device_peak(sim: Simulation) -> int:
     """Peak live bytes of ``sim`` on the device (host-side allocations left out)."""
     tl = sim.timeline
     uids = np.where(tl.events >= 0, tl.events, -tl.events - 1)
@@ -553,6 +554,20 @@ def _device_peak(sim: Simulation) -> int:
     signed = np.where(tl.events >= 0, tl.sizes[uids], -tl.sizes[uids]) * on_device
     base = int(tl.sizes[: tl.adopted][sim.categories[: tl.adopted] != HOST].sum())
     return int(max(base, (base + np.cumsum(signed)).max()))
+
+
+def margin_at_depth(kind: str, values: dict[int, int], depths: tuple[int, ...], target: int) -> int:
+    """The allocator's bytes over live tensors at the full depth, from its values at the simulated depths.
+
+    Block rounding (``"allocated"``) adds the same bytes for every layer's tensors, so it is extrapolated linearly.
+    Fragmentation (reserved and needed) is not linear in depth: it comes from the holes the largest transient
+    blocks leave, which every layer reuses, and replays at 2 to 8 layers of the same step show it bounded and
+    jumping by up to a GiB from one depth to the next (Llama-3.2-1B, Mistral-7B; benchmarks/run_vs_step.py). A line
+    through two such values, stretched to 32 layers, swings by tens of GiB and broke monotonicity in the batch; the
+    largest value seen is the estimate, and its spread is part of the plan's uncertainty margin."""
+    if kind == "allocated":
+        return int(round(by_depth(values, depths, target)))
+    return int(max(values.values()))
 
 
 def _eval_peak(sim: Simulation) -> int | None:
@@ -570,7 +585,7 @@ def _eval_peak(sim: Simulation) -> int | None:
     return int(max(before, live[start:].max())) if start < len(live) else int(before)
 
 
-def _by_depth(values: dict[int, float], depths: tuple[int, ...], target: int) -> float:
+def by_depth(values: dict[int, float], depths: tuple[int, ...], target: int) -> float:
     """Linear extrapolation in depth from the simulated depths."""
     if len(depths) == 1:
         return values[depths[0]]
@@ -586,8 +601,8 @@ def _fit_eval(sims, depths, spec) -> tuple[float, float]:
         (b0, p0), (b1, p1) = points[0], points[-1]
         slope = (p1 - p0) / (b1 - b0)
         lines[depth] = (p0 - slope * b0, slope)
-    return (_by_depth({d: lines[d][0] for d in depths}, depths, spec.num_layers),
-            _by_depth({d: lines[d][1] for d in depths}, depths, spec.num_layers))
+    return (by_depth({d: lines[d][0] for d in depths}, depths, spec.num_layers),
+            by_depth({d: lines[d][1] for d in depths}, depths, spec.num_layers))
 
 
 def _fit_margin(sims, spec, workspaces) -> float:
@@ -596,7 +611,7 @@ def _fit_margin(sims, spec, workspaces) -> float:
     fast model takes the worst case it has seen; ``estimate()`` replays the exact shape."""
     worst = 0.0
     for sim in sims:
-        live = _device_peak(sim)
+        live = device_peak(sim)
         static = int(sim.timeline.sizes[: sim.timeline.adopted].sum())  # weights and buffers
         static += _optimizer_bytes(sim)
         margin = _min_reserved(sim, workspaces) - (live + workspaces)
@@ -636,7 +651,8 @@ def step_config(
 ) -> StepConfig:
     """The ``StepConfig`` for these knobs on ``gpu`` (``gpu.source == "host"``: a run in host memory on the CPU).
 
-    ``precision`` None picks bf16 where the card supports it, else fp16 (fp32 on the CPU); ``quantization`` None
+    ``precision`` None picks bf16-mixed where the card supports bf16, else 16-mixed (32-true on the CPU); any name
+    ``simulate.precision_name`` takes is accepted (``bf16-true`` for 16-bit weights); ``quantization`` None
     means 4bit for qlora and none otherwise; ``lora`` with a quantization is qlora.
     """
     if method not in simulate.METHODS:
@@ -649,7 +665,7 @@ def step_config(
     # a card known only by its size is planned as an Ampere consumer card, the commonest 8-24 GB class
     cc = gpu.compute_capability or (8, 6)
     if precision is None:
-        precision = "fp32" if host else ("bf16" if gpu.bf16 else "fp16")
+        precision = "32-true" if host else ("bf16-mixed" if gpu.bf16 else "16-mixed")
     return StepConfig(
         method=method, quantization=quantization, precision=precision,
         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha,
@@ -707,18 +723,18 @@ def simulate_point(spec: models.ModelSpec, cfg: StepConfig, *, batch_size: int, 
                    progress: Callable[[str], None] | None = None) -> MemoryEstimate:
     """The estimate at one shape from simulations at that exact shape (two depths, extrapolated); with
     ``eval_batch_size``, an evaluation pass of that batch after the steps is simulated and counted too."""
-    depths, sims, envelope = _simulate_depths(spec, cfg, [(batch_size, seq_len)], progress, eval_batch_size)
+    depths, sims, envelope = simulate_depths(spec, cfg, [(batch_size, seq_len)], progress, eval_batch_size)
     live, by_category, where = envelope.at(batch_size, seq_len)
-    workspaces = _workspaces(cfg)
+    workspaces = workspace_bytes(cfg)
     over_live = {"allocated": 0, "reserved": 0, "needed": 0}  # host memory has no caching allocator: live is all
     for name, measure in () if cfg.device == "cpu" else (("allocated", lambda sim: _replay(sim, workspaces, expandable=expandable_segments).peak_allocated),
                           ("reserved", lambda sim: _replay(sim, workspaces, expandable=expandable_segments).peak_reserved),
                           ("needed", lambda sim: _min_reserved(sim, workspaces, expandable=expandable_segments))):
-        values = {sim.num_layers: measure(sim) - (_device_peak(sim) + workspaces) for sim in sims}
-        over_live[name] = max(0, int(round(_by_depth(values, depths, spec.num_layers))))
+        values = {sim.num_layers: measure(sim) - (device_peak(sim) + workspaces) for sim in sims}
+        over_live[name] = max(0, margin_at_depth(name, values, depths, spec.num_layers))
     eval_peak = None
     if eval_batch_size:
-        eval_peak = int(round(_by_depth({sim.num_layers: _eval_peak(sim) for sim in sims}, depths, spec.num_layers)))
+        eval_peak = int(round(by_depth({sim.num_layers: _eval_peak(sim) for sim in sims}, depths, spec.num_layers)))
     return _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces,
                      rounding=over_live["allocated"], reserved_margin=over_live["reserved"],
                      needed_margin=over_live["needed"], source="simulation", kernel=_kernel_name(sims[-1]),
@@ -776,16 +792,17 @@ def analytic(spec: models.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_le
                                  lora_r=cfg.lora_r, lora_targets=cfg.lora_targets)
     weights = sum(int(n * (_NF4_BYTES if k == "nf4" else _BYTES.get(k, 4))) for k, n in counts.by_dtype.items())
     trainable = counts.trainable
-    gradients = 4 * trainable
-    optimizer_bytes = (2 + 8 / 256) * trainable if cfg.optimizer == "adamw_8bit" else 8 * trainable
+    state = 2 if cfg.method == "full" and cfg.weights_dtype != torch.float32 else 4  # 16-bit weights: 16-bit states
+    gradients = state * trainable
+    optimizer_bytes = (2 + 8 / 256) * trainable if cfg.optimizer == "adamw_8bit" else 2 * state * trainable
     h, a, L, V = spec.hidden_size, spec.num_heads, spec.num_layers, spec.vocab_size
     tokens = batch_size * seq_len
     per_layer = tokens * (34 * h + 5 * a * seq_len)
     activations = (2 * h * tokens * L + per_layer) if cfg.gradient_checkpointing else per_layer * L
-    logits = tokens * V * (10 if cfg.precision != "fp32" else 8)
+    logits = tokens * V * (10 if cfg.autocast else 8)
     by_category = np.zeros(len(CATEGORY_NAMES), dtype=np.int64)
     by_category[:6] = [weights, gradients, int(optimizer_bytes), activations, logits, 0]
-    workspaces = _workspaces(cfg)
+    workspaces = workspace_bytes(cfg)
     live = int(by_category.sum())
     margin = int(0.10 * live)  # no replay to measure fragmentation: 10% of live memory, near the high end seen
     return _assemble(spec, cfg, batch_size, seq_len, live, by_category, "end of the forward pass (analytic)",

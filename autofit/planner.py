@@ -16,6 +16,8 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
+import torch
+
 from autofit import calibration, data, memory, probing
 from autofit import gpu as gpus
 from autofit import model as models
@@ -94,7 +96,7 @@ def throughput(spec: models.ModelSpec, cfg: StepConfig, card: gpus.GpuInfo, *, b
     dequant_time = dequant / bus
     launches = LAUNCH_SECONDS_PER_LAYER * spec.num_layers * math.ceil(passes)
     micro = max(compute, memory_time) + dequant_time + launches
-    optimizer = ADAMW_BYTES * trainable / (bandwidth * 1e9 * BUS_EFFICIENCY)
+    optimizer = ADAMW_BYTES * _state_scale(cfg) * trainable / (bandwidth * 1e9 * BUS_EFFICIENCY)
     step = grad_accum * micro + optimizer
     return Throughput(step_seconds=step, tokens_per_second=grad_accum * tokens / step, compute_seconds=compute,
                       memory_seconds=memory_time + dequant_time, optimizer_seconds=optimizer)
@@ -173,7 +175,7 @@ def plan(
         raise ConfigError(f"quantization must be none, 4bit or 8bit; got {quantization!r}")
     checkpointing = (False, True) if gradient_checkpointing is None else (gradient_checkpointing,)
 
-    bases = _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons)
+    bases = _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons, _loaded_precision(spec))
     if not bases:
         raise _does_not_fit(spec, card, allowed, seq, knobs, seq_source)
     shortened = False
@@ -255,13 +257,20 @@ def _sequence_length(spec, seq_len, dataset, tokenizer, reasons):
     return seq, "default", None, None
 
 
+def _state_scale(cfg: StepConfig) -> float:
+    """Bytes of a trainable weight's gradient and AdamW moments relative to fp32: 0.5 when full fine-tuning trains
+    16-bit weights (their gradients and moments are 16-bit too), else 1."""
+    return 0.5 if cfg.method == "full" and cfg.weights_dtype != torch.float32 else 1.0
+
+
 def _static_bytes(spec, cfg: StepConfig) -> int:
     """Weights, gradients and optimizer state: memory that does not depend on the batch (a lower bound)."""
     counts = models.count_params(spec, method=cfg.method, quantization=cfg.quantization, half=cfg.half,
                                  lora_r=cfg.lora_r, lora_targets=cfg.lora_targets)
     sizes = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.516}
-    weights = sum(n * sizes.get(k, 4) for k, n in counts.by_dtype.items())
-    per_trainable = 4 + (2 if cfg.optimizer == "adamw_8bit" else 8)
+    scale = _state_scale(cfg)
+    weights = sum(n * sizes.get(k, 4) for k, n in counts.by_dtype.items()) * scale
+    per_trainable = 4 * scale + (2 if cfg.optimizer == "adamw_8bit" else 8 * scale)
     return int(weights + per_trainable * counts.trainable)
 
 
@@ -270,20 +279,48 @@ def _trainable(spec, cfg: StepConfig) -> int:
                                lora_r=cfg.lora_r, lora_targets=cfg.lora_targets).trainable
 
 
-def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons) -> list[StepConfig]:
-    """Step configs (checkpointing off) of the methods whose weights, gradients and optimizer state fit at all."""
+def _loaded_precision(spec) -> str | None:
+    """The "-true" precision of a model object whose floating-point weights are all 16-bit (transformers 5 loads
+    checkpoints in their stored dtype), or None: a name, a config, or an fp32 or quantized model."""
+    if spec.module is None:
+        return None
+    dtypes = {p.dtype for p in spec.module.parameters() if p.is_floating_point()}
+    if dtypes == {torch.bfloat16}:
+        return "bf16-true"
+    if dtypes == {torch.float16}:
+        return "16-true"
+    return None
+
+
+def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons, loaded=None) -> list[StepConfig]:
+    """Step configs (checkpointing off) of the methods whose weights, gradients and optimizer state fit at all, the
+    strongest first. Full fine-tuning comes in two precisions when none is asked: fp32 weights under autocast, then
+    16-bit weights (bf16-true), where the card has bf16; a model object loaded in 16 bits is planned as loaded."""
     bases = []
     for method in methods:
         quant = "none"
         if method == "qlora":
             quant = quantization if quantization in ("4bit", "8bit") else "4bit"
-        base = memory.step_config(card, method=method, quantization=quant, gradient_checkpointing=False, **knobs)
-        static = _static_bytes(spec, base)
-        if static > allowed - (memory.CUDA_CONTEXT_BYTES if base.device == "cuda" else 0):
-            reasons.append(f"{_method_name(method)} ruled out: weights, gradients and optimizer state alone need "
-                           f"{fmt_bytes(static)} of the {fmt_bytes(allowed)} budget")
-            continue
-        bases.append(base)
+        variants = [knobs]
+        if method == "full" and knobs.get("precision") is None:
+            if loaded is not None:
+                variants = [dict(knobs, precision=loaded)]
+                reasons.append(f"full fine-tuning in {loaded}: the model was loaded with 16-bit weights, so its "
+                               "gradients and AdamW states are 16-bit too (pass precision='bf16-mixed' for fp32 "
+                               "weights under autocast)")
+            elif card.bf16 and card.source != "host":
+                variants = [knobs, dict(knobs, precision="bf16-true")]
+        for variant in variants:
+            base = memory.step_config(card, method=method, quantization=quant, gradient_checkpointing=False, **variant)
+            static = _static_bytes(spec, base)
+            if static > allowed - (memory.CUDA_CONTEXT_BYTES if base.device == "cuda" else 0):
+                name = _config_name(base)
+                if len(variants) > 1 and base.autocast:
+                    name += f" with fp32 weights ({base.precision})"
+                reasons.append(f"{name} ruled out: weights, gradients and optimizer state alone need "
+                               f"{fmt_bytes(static)} of the {fmt_bytes(allowed)} budget")
+                continue
+            bases.append(base)
     return bases
 
 
@@ -297,12 +334,12 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
     allowed, tells whether it fits at all before its fast models are built."""
     found: list[_Candidate] = []
     for base in bases:
-        method = base.method
+        name = _config_name(base)
         per_method = []
         lean = replace(base, gradient_checkpointing=max(checkpointing))
         if ((shortened or _static_bytes(spec, base) > allowed // 2)
                 and _exact(spec, lean, card, 1, seq, progress).required_bytes > allowed):
-            reasons.append(f"{_method_name(method)} ruled out at {seq} tokens: a micro-batch of 1 does not fit")
+            reasons.append(f"{name} ruled out at {seq} tokens: a micro-batch of 1 does not fit")
             continue
         for ckpt in checkpointing:
             cfg = replace(base, gradient_checkpointing=ckpt)
@@ -321,11 +358,11 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
                 reasons.append("gradient checkpointing off: the whole effective batch fits in one micro-batch without it")
                 break
         if not per_method:
-            reasons.append(f"{_method_name(method)} ruled out at {seq} tokens: a micro-batch of 1 does not fit")
+            reasons.append(f"{name} ruled out at {seq} tokens: a micro-batch of 1 does not fit")
             continue
         best = max(per_method, key=lambda c: c.speed.tokens_per_second)
         if len(per_method) == 1 and len(checkpointing) == 2 and best.cfg.gradient_checkpointing:
-            reasons.append(f"gradient checkpointing on: without it {_method_name(method)} does not fit a micro-batch "
+            reasons.append(f"gradient checkpointing on: without it {name} does not fit a micro-batch "
                            f"of 1 at {seq} tokens")
         if len(per_method) == 2:
             other = next(c for c in per_method if c is not best)
@@ -335,21 +372,25 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
         found.append(best)
         # a method that fits a useful micro-batch in either checkpointing setting is strong enough; its fastest
         # setting is the one used
-        if method_asked == "auto" and any(c.batch_size >= min(USEFUL_BATCH, c.effective) for c in per_method):
+        if len(bases) > 1 and any(c.batch_size >= min(USEFUL_BATCH, c.effective) for c in per_method):
             useful = min(USEFUL_BATCH, best.effective)
             how = "" if best.batch_size >= useful else " (with checkpointing; the faster setting without it is used)"
-            if method != "full":
-                reasons.append(f"{_method_name(method)} chosen: the strongest method that fits a micro-batch of "
+            if base is not bases[0]:
+                reasons.append(f"{name} chosen: the strongest method that fits a micro-batch of "
                                f"{useful} or more{how}")
             else:
-                reasons.append(f"full fine-tuning chosen: it fits a micro-batch of {useful} or more{how}")
+                reasons.append(f"{name} chosen: it fits a micro-batch of {useful} or more{how}")
+            if base.method == "full" and base.precision.endswith("-true"):
+                reasons.append(_SIXTEEN_BIT_TRADE)
             return best
     if not found:
         return None
     best = max(found, key=lambda c: (c.batch_size >= min(USEFUL_BATCH, c.effective), c.speed.tokens_per_second))
     if method_asked == "auto":
-        reasons.append(f"{_method_name(best.cfg.method)} chosen: no method fits a micro-batch of "
+        reasons.append(f"{_config_name(best.cfg)} chosen: no method fits a micro-batch of "
                        f"{min(USEFUL_BATCH, best.effective)}; this one is fastest")
+    if best.cfg.method == "full" and best.cfg.precision.endswith("-true"):
+        reasons.append(_SIXTEEN_BIT_TRADE)
     return best
 
 
@@ -362,6 +403,20 @@ def _checkpointing_cannot_win(spec, cfg, card, seq, target_batch, without: _Cand
 
 def _method_name(method: str) -> str:
     return {"full": "full fine-tuning", "lora": "LoRA", "qlora": "QLoRA"}[method]
+
+
+def _config_name(cfg: StepConfig) -> str:
+    """"full fine-tuning", or "full fine-tuning in bf16-true" for 16-bit weights; "LoRA"; "QLoRA"."""
+    name = _method_name(cfg.method)
+    return f"{name} in {cfg.precision}" if cfg.method == "full" and cfg.precision.endswith("-true") else name
+
+
+# The quality cost of training 16-bit weights, stated wherever a plan chooses it. bf16 keeps 8 bits of mantissa, so
+# an update smaller than about 2^-9 of a weight rounds away (no fp32 master copy keeps it); Micikevicius et al. 2018
+# ("Mixed Precision Training", section 3.1, "FP32 master copy of weights") show the same effect for fp16 weights.
+_SIXTEEN_BIT_TRADE = ("16-bit weights trade quality for memory: without an fp32 master copy, updates smaller than "
+                      "about 1/512 of a weight round away (a small learning rate can stall); bf16-mixed keeps fp32 "
+                      "weights at twice the memory for weights, gradients and optimizer state")
 
 
 def _sizes(target_batch: int, adaptive: bool) -> list[int]:
@@ -511,9 +566,12 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
     headroom = allowed - need(estimate)
     reasons.append(f"headroom {fmt_bytes(headroom)} ({headroom / allowed:.0%} of the budget); peak at "
                    f"{estimate.where}")
-    reasons.append(f"precision {cand.cfg.precision}"
-                   + (" (the card supports bf16)" if cand.cfg.precision == "bf16" else
-                      " (no bf16 on this card)" if cand.cfg.precision == "fp16" else " (host memory run)"))
+    reasons.append(f"precision {cand.cfg.precision}" + {
+        "bf16-mixed": " (the card supports bf16; fp32 weights, bf16 autocast)",
+        "16-mixed": " (no bf16 on this card; fp32 weights, fp16 autocast with loss scaling)",
+        "bf16-true": " (16-bit weights, gradients and optimizer states; no autocast)",
+        "16-true": " (16-bit weights, gradients and optimizer states; no autocast)",
+        "32-true": " (fp32 throughout)" + (" (host memory run)" if card.source == "host" else "")}[cand.cfg.precision])
     return estimate
 
 

@@ -10,6 +10,7 @@ from dataclasses import asdict, dataclass
 from autofit import gpu as gpus
 from autofit.errors import ConfigError
 from autofit.memory import MemoryEstimate
+from autofit.sim import simulate
 from autofit.sim.simulate import StepConfig
 from autofit.units import fmt_bytes
 
@@ -121,8 +122,8 @@ class Plan:
             per_device_train_batch_size=self.batch_size,
             per_device_eval_batch_size=self.eval_batch_size,
             gradient_accumulation_steps=self.grad_accum,
-            bf16=self.precision == "bf16",
-            fp16=self.precision == "fp16",
+            bf16=self.precision == "bf16-mixed",  # "-true" precisions train a 16-bit model without autocast
+            fp16=self.precision == "16-mixed",
             optim={"adamw_8bit": "adamw_bnb_8bit"}.get(self.optimizer, self.optimizer),
             max_grad_norm=1.0,
         )
@@ -161,7 +162,7 @@ class Plan:
         if self.quantization == "8bit":
             return BitsAndBytesConfig(load_in_8bit=True)
         return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                                  bnb_4bit_compute_dtype=torch.bfloat16 if self.precision == "bf16" else torch.float16)
+                                  bnb_4bit_compute_dtype=torch.float16 if self.precision.startswith("16") else torch.bfloat16)
 
     @property
     def step_config(self) -> StepConfig:
@@ -192,6 +193,7 @@ class Plan:
         if gpu.get("compute_capability") is not None:
             gpu["compute_capability"] = tuple(gpu["compute_capability"])
         data["gpu"] = gpus.GpuInfo(**gpu)
+        data["precision"] = simulate.precision_name(data["precision"])  # plans written before "-mixed"/"-true"
         data["estimate"] = MemoryEstimate.from_dict(data["estimate"])
         data["lora_targets"] = tuple(data["lora_targets"]) if data.get("lora_targets") else None
         data["reasons"] = tuple(data["reasons"])

@@ -191,7 +191,7 @@ def load_model(spec: models.ModelSpec, plan: planner.Plan, *, model_ref=None, ra
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"this plan is for {plan.gpu.name} but no CUDA device is here; plan for this machine with "
                           "--gpu cpu, or train on the card")
-    dtype = torch.float32 if cfg.method == "full" or cfg.precision == "fp32" else cfg.half
+    dtype = cfg.weights_dtype
     if cfg.quantization != "none":
         if not kbit.bitsandbytes_available() or cfg.device != "cuda":
             raise ConfigError("QLoRA needs bitsandbytes and a CUDA card (pip install 'autofit[quant]'); on this machine "

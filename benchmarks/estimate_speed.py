@@ -58,7 +58,7 @@ def main(argv=None) -> int:
             full_seconds = time.perf_counter() - started
             tensors = sum((est.weights, est.gradients, est.optimizer_state, est.activations, est.logits_and_loss,
                            est.temporaries))
-            same = abs(tensors - memory._device_peak(full)) <= 1024  # see test_depth_extrapolation_*
+            same = abs(tensors - memory.device_peak(full)) <= 1024  # see test_depth_extrapolation_*
         started = time.perf_counter()
         sm = memory.StepModel(spec, est.config, seq_len=seq)
         built = time.perf_counter() - started

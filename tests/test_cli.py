@@ -19,7 +19,7 @@ def test_estimate_table_and_json(capsys):
                        "--json")
     data = json.loads(out)
     assert code == 0 and data["peak_allocated"] <= data["min_reserved"] <= data["peak_reserved"]
-    assert data["config"]["precision"] == "bf16" and data["source"] == "simulation"
+    assert data["config"]["precision"] == "bf16-mixed" and data["source"] == "simulation"
 
 
 def test_estimate_plot(capsys, tmp_path):
@@ -98,3 +98,10 @@ def test_fit_table(capsys):
     code, out, _ = run(capsys, "fit", "--gpu", "rtx4060-laptop", "--models", "distilgpt2", "--seq-len", "256", "--json")
     rows = json.loads(out)
     assert rows[0]["fits"] and rows[0]["method"] == "full"
+
+
+def test_precision_choices_match_the_engine():
+    from autofit.cli import PRECISION_CHOICES
+    from autofit.sim import simulate
+
+    assert {simulate.precision_name(p) for p in PRECISION_CHOICES} == set(simulate.PRECISIONS)

@@ -32,7 +32,7 @@ def test_depth_extrapolation_equals_a_full_depth_simulation(ref, cfg):
     full = simulate.run(spec, cfg, batch_size=2, seq_len=64)
     # Exact but for tensors whose size follows the number of parameters (gradient clipping stacks one norm per
     # parameter): rounded to 512 bytes, those are not linear in depth, by less than 512 bytes each.
-    assert abs(_tensors(est) - memory._device_peak(full)) <= 1024
+    assert abs(_tensors(est) - memory.device_peak(full)) <= 1024
 
 
 def test_components_are_exact_where_they_can_be_counted():
@@ -80,7 +80,7 @@ def test_fixed_length_model_is_exact_in_batch():
 def test_estimate_end_to_end_and_serialisation():
     est = memory.estimate("distilgpt2", "rtx3060", batch_size=4, seq_len=256)
     assert est.source == "simulation" and est.attention_kernel == "flash"
-    assert est.config.precision == "bf16" and est.gpu_name == "NVIDIA GeForce RTX 3060"
+    assert est.config.precision == "bf16-mixed" and est.gpu_name == "NVIDIA GeForce RTX 3060"
     data = est.to_dict()
     assert data["peak_reserved"] == est.peak_reserved and data["config"]["method"] == "full"
     text = est.summary()
@@ -91,7 +91,7 @@ def test_estimate_end_to_end_and_serialisation():
     assert sum(est.components(tight=True).values()) == est.required_bytes
     assert 0 <= est.components(tight=True)["allocator margin"] <= est.allocator_margin
     turing = memory.estimate("distilgpt2", "t4", batch_size=4, seq_len=256)
-    assert turing.config.precision == "fp16" and turing.attention_kernel == "efficient"
+    assert turing.config.precision == "16-mixed" and turing.attention_kernel == "efficient"
 
 
 def test_host_memory_estimate_has_no_cuda_context():

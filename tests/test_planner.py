@@ -97,7 +97,7 @@ def _record_simulations(monkeypatch) -> list:
 def test_a_method_in_doubt_is_ruled_out_by_one_lean_simulation(monkeypatch):
     requested = _record_simulations(monkeypatch)
     # full fine-tuning's weights, gradients and AdamW state (1.2 GiB) take over half of a 2 GiB card's budget
-    p = plan("distilgpt2", "2GiB", seq_len=1024)
+    p = plan("distilgpt2", "2GiB", seq_len=1024, precision="bf16-mixed")  # fp32 weights only
     assert [r for r in requested if r[0] == "full"] == [("full", True, 1, 2), ("full", True, 1, 3)]
     assert "full fine-tuning ruled out at 1024 tokens: a micro-batch of 1 does not fit" in p.reasons
     assert p.method == "lora"
@@ -105,7 +105,7 @@ def test_a_method_in_doubt_is_ruled_out_by_one_lean_simulation(monkeypatch):
 
 def test_a_method_that_fits_a_useful_batch_with_checkpointing_ends_the_search(monkeypatch):
     requested = _record_simulations(monkeypatch)
-    p = plan("HuggingFaceTB/SmolLM2-135M", "3GiB", seq_len=512)
+    p = plan("HuggingFaceTB/SmolLM2-135M", "3GiB", seq_len=512, precision="bf16-mixed")
     # LoRA fits micro-batch 4 only with checkpointing, but 2 without it is faster: LoRA, the faster setting, and QLoRA
     # is never simulated
     assert (p.method, p.batch_size, p.gradient_checkpointing) == ("lora", 2, False)
@@ -133,7 +133,7 @@ def test_training_arguments_drive_a_trainer(tmp_path):
     texts = ["the quick brown fox jumps over the lazy dog"] * 16
     tok = data.build_tokenizer(texts, vocab_size=300)
     p = plan(tiny_llama(vocab_size=len(tok)), "cpu", seq_len=32, effective_batch=4)
-    assert p.gpu.source == "host" and p.precision == "fp32"
+    assert p.gpu.source == "host" and p.precision == "32-true"
     args = p.training_arguments(str(tmp_path), max_steps=2, report_to=[], logging_steps=1)
     assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 4
     dataset = data.tokenize(texts, tok, seq_len=32, packing=False)
@@ -201,3 +201,27 @@ def test_lora_config_reads_the_weight_layout_from_the_model_it_wraps():
         get_peft_model(net, gpt2_plan.lora_config(net))
     llama_plan = plan(tiny_llama(), "4GiB", method="lora", seq_len=64)
     assert llama_plan.lora_config(AutoModelForCausalLM.from_config(tiny_llama())).fan_in_fan_out is False
+
+
+def test_full_fine_tuning_with_16_bit_weights_comes_before_lora_and_says_what_it_costs():
+    # with fp32 weights SmolLM2-135M fits a micro-batch of 2 on 3 GiB (checkpointing on); with bf16 weights,
+    # gradients and AdamW states, 4: full fine-tuning in bf16-true is the strongest that fits a useful micro-batch
+    p = plan("HuggingFaceTB/SmolLM2-135M", "3GiB", seq_len=512)
+    assert (p.method, p.precision, p.batch_size) == ("full", "bf16-true", 4)
+    assert "full fine-tuning in bf16-true chosen: the strongest method that fits a micro-batch of 4 or more" in p.reasons
+    assert planner._SIXTEEN_BIT_TRADE in p.reasons
+    args = p.training_arguments("out", use_cpu=True)
+    assert (args.bf16, args.fp16) == (False, False)  # no autocast: the model is loaded in bf16 instead
+
+
+def test_a_model_loaded_in_bf16_is_planned_as_loaded():
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    module = AutoModelForCausalLM.from_config(tiny_llama(), dtype=torch.bfloat16)
+    p = plan(module, "rtx3060", seq_len=64, method="full")
+    assert p.precision == "bf16-true" and p.estimate.config.precision == "bf16-true"
+    assert any("the model was loaded with 16-bit weights" in r for r in p.reasons)
+    assert all(q.dtype == torch.bfloat16 for q in module.parameters())  # planning never touches the model
+    fp32 = plan(AutoModelForCausalLM.from_config(tiny_llama()), "rtx3060", seq_len=64, method="full")
+    assert fp32.precision == "bf16-mixed"

@@ -11,7 +11,7 @@ from autofit.sim.simulate import StepConfig
 from autofit.sim.tracker import Tracker, round_bytes
 from tests.conftest import tiny_gpt2, tiny_llama
 
-CASES = list(itertools.product(["full", "lora"], [False, True], ["fp32", "bf16"]))
+CASES = list(itertools.product(["full", "lora"], [False, True], ["32-true", "bf16-mixed", "bf16-true"]))
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])

@@ -55,6 +55,7 @@ class AllocatorStats:
     peak_allocated: int
     peak_reserved: int
     segments: int
+    reserved_at: tuple[int, ...] = ()  # peak reserved up to each mark a replay was given
 
 
 class _Block:
@@ -207,13 +208,14 @@ class CachingAllocator:
 
 
 def replay(sizes: np.ndarray, events: np.ndarray, *, baseline_uids=(), expandable: bool = False,
-           extra: tuple[int, ...] = (), limit: int | None = None) -> AllocatorStats:
+           extra: tuple[int, ...] = (), limit: int | None = None, marks=()) -> AllocatorStats:
     """Runs an allocation stream through the allocator model.
 
     ``sizes[u]`` is the request of allocation ``u``; ``events`` lists allocations as ``u`` and releases as
     ``-u - 1``; ``baseline_uids`` are allocated first (tensors that existed before recording); ``extra`` are
     requests made once before everything else and never released (library workspaces). With ``limit`` (bytes the
-    allocator may reserve) it raises ``AllocatorOutOfMemory`` where the real allocator would.
+    allocator may reserve) it raises ``AllocatorOutOfMemory`` where the real allocator would. ``marks`` are event
+    counts (ascending) after which the peak reserved so far is recorded, in ``reserved_at``.
     """
     alloc = CachingAllocator(expandable=expandable, limit=limit)
     for nbytes in extra:
@@ -221,15 +223,20 @@ def replay(sizes: np.ndarray, events: np.ndarray, *, baseline_uids=(), expandabl
     blocks: dict[int, _Block] = {}
     for uid in baseline_uids:
         blocks[int(uid)] = alloc.malloc(int(sizes[uid]))
-    for event in events.tolist():
-        if event >= 0:
-            blocks[event] = alloc.malloc(int(sizes[event]))
-        else:
-            block = blocks.pop(-event - 1, None)
-            if block is not None:
-                alloc.free(block)
+    reserved_at = []
+    start = 0
+    for stop in (*marks, len(events)):
+        for event in events[start:stop].tolist():
+            if event >= 0:
+                blocks[event] = alloc.malloc(int(sizes[event]))
+            else:
+                block = blocks.pop(-event - 1, None)
+                if block is not None:
+                    alloc.free(block)
+        reserved_at.append(alloc.peak_reserved)
+        start = stop
     return AllocatorStats(peak_allocated=alloc.peak_allocated, peak_reserved=alloc.peak_reserved,
-                          segments=alloc.segments)
+                          segments=alloc.segments, reserved_at=tuple(reserved_at[:len(marks)]))
 
 
 def min_limit(sizes: np.ndarray, events: np.ndarray, *, baseline_uids=(), expandable: bool = False,

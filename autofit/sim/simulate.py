@@ -36,7 +36,13 @@ log = logging.getLogger(__name__)
 
 METHODS = ("full", "lora", "qlora")
 QUANTIZATIONS = ("none", "8bit", "4bit")
-PRECISIONS = ("bf16", "fp16", "fp32")
+# Precision as the ecosystem names it (Lightning's names): "-mixed" keeps fp32 weights for full fine-tuning and runs
+# the forward under autocast (transformers' Trainer with bf16=True / fp16=True); "-true" trains 16-bit weights with
+# 16-bit gradients and optimizer states and no autocast, as a model loaded in bf16 (transformers 5 loads checkpoints
+# in their stored dtype by default) and trained with bf16=False runs.
+PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "32-true")
+_PRECISION_ALIASES = {"bf16": "bf16-mixed", "fp16": "16-mixed", "16": "16-mixed", "fp16-mixed": "16-mixed",
+                      "fp16-true": "16-true", "fp32": "32-true", "32": "32-true", "fp32-true": "32-true"}
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
 
 # What a live allocation holds; ``HOST`` allocations live in host memory on a real run and are not counted.
@@ -46,7 +52,15 @@ CATEGORY_NAMES = ("weights", "gradients", "optimizer_state", "activations", "log
 # Phase codes stamped on allocations (tag = 10 * step + phase).
 SETUP, INPUTS, FORWARD, HEAD, BACKWARD, OPTIMIZE, EVAL = range(7)
 
-_HALF = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def precision_name(name: str) -> str:
+    """The canonical name of a precision (``"bf16"`` -> ``"bf16-mixed"``, ``"fp32"`` -> ``"32-true"``).
+    Raises ``ConfigError`` for a name that is none of them."""
+    canonical = _PRECISION_ALIASES.get(name, name) if isinstance(name, str) else name
+    if canonical not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)} (or bf16, fp16, fp32); got {name!r}")
+    return canonical
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -55,7 +69,7 @@ class StepConfig:
 
     method: str = "full"
     quantization: str = "none"
-    precision: str = "bf16"
+    precision: str = "bf16-mixed"  # any name precision_name() takes; stored canonical
     gradient_checkpointing: bool = False
     optimizer: str = "adamw_torch_fused"
     lora_r: int = 16
@@ -67,8 +81,8 @@ class StepConfig:
     device: str = "cuda"  # the device imitated: "cuda", or "cpu" for runs in host memory
 
     def __post_init__(self) -> None:
-        for name, allowed in (("method", METHODS), ("quantization", QUANTIZATIONS), ("precision", PRECISIONS),
-                              ("optimizer", OPTIMIZERS)):
+        object.__setattr__(self, "precision", precision_name(self.precision))
+        for name, allowed in (("method", METHODS), ("quantization", QUANTIZATIONS), ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.quantization != "none":
@@ -81,8 +95,11 @@ class StepConfig:
             raise ConfigError(f"lora_dropout must lie in [0, 1); got {self.lora_dropout}")
         if self.device not in ("cuda", "cpu"):
             raise ConfigError(f"device must be cuda or cpu; got {self.device!r}")
-        if self.device == "cuda" and self.precision == "bf16" and self.compute_capability < (8, 0):
-            raise ConfigError("bf16 needs compute capability 8.0 or newer; use --precision fp16 on this card")
+        if self.device == "cuda" and self.precision.startswith("bf16") and self.compute_capability < (8, 0):
+            raise ConfigError("bf16 needs compute capability 8.0 or newer; use --precision 16-mixed on this card")
+        if self.quantization != "none" and self.precision.endswith("-true") and self.precision != "32-true":
+            raise ConfigError(f"a quantized base trains under mixed precision (bf16-mixed or 16-mixed), "
+                              f"not {self.precision}")
 
     @classmethod
     def from_dict(cls, data: dict) -> "StepConfig":
@@ -95,7 +112,25 @@ class StepConfig:
     @property
     def half(self) -> torch.dtype:
         """The 16-bit dtype of the run (the autocast dtype; bf16 for fp32 runs' frozen weights too)."""
-        return _HALF[self.precision] if self.precision != "fp32" else torch.bfloat16
+        return torch.float16 if self.precision.startswith("16") else torch.bfloat16
+
+    @property
+    def autocast(self) -> bool:
+        """Whether the forward runs under autocast (mixed precision)."""
+        return self.precision.endswith("-mixed")
+
+    @property
+    def grad_scaler(self) -> bool:
+        """Whether the loss is scaled and gradients unscaled (fp16 mixed precision)."""
+        return self.precision == "16-mixed"
+
+    @property
+    def weights_dtype(self) -> torch.dtype:
+        """The dtype the model is loaded in: fp32 for mixed-precision full fine-tuning and 32-true, else 16-bit
+        (LoRA's frozen base is 16-bit under mixed precision too; its adapters are what peft makes them)."""
+        if self.precision == "32-true" or (self.method == "full" and self.autocast):
+            return torch.float32
+        return self.half
 
     @property
     def uses_lora(self) -> bool:
@@ -128,10 +163,7 @@ class Simulation:
 def build_model(spec: arch.ModelSpec, cfg: StepConfig, num_layers: int, *, device: str = "meta") -> nn.Module:
     """The model ``cfg.method`` trains, with ``num_layers`` decoder layers, on ``device`` (``meta`` or ``cpu``)."""
     config = arch.with_layers(spec.config, num_layers)
-    if cfg.method == "full":
-        dtype = torch.float32
-    else:
-        dtype = cfg.half if cfg.precision != "fp32" else torch.float32
+    dtype = cfg.weights_dtype
     with torch.device(device), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         from transformers import AutoModelForCausalLM
@@ -312,7 +344,7 @@ def train_step(model, optimizer, params, cfg: StepConfig, batch: dict, autocast,
     ``autocast.region(dtype)`` opens an autocast region; ``mark(phase, label)`` is told when each phase starts;
     ``on_grads(grads)`` sees the gradients before the optimizer steps."""
     mark(FORWARD, "forward")
-    if cfg.precision == "fp32":
+    if not cfg.autocast:
         outputs = model(**_model_inputs(batch))
     else:
         with autocast.region(cfg.half):
@@ -324,7 +356,7 @@ def train_step(model, optimizer, params, cfg: StepConfig, batch: dict, autocast,
     loss = outputs.loss
     del outputs
     mark(BACKWARD, "backward")
-    if cfg.precision == "fp16":
+    if cfg.grad_scaler:
         scale = torch.full((), 65536.0, device=loss.device)
         (loss * scale).backward()
     else:
@@ -334,7 +366,7 @@ def train_step(model, optimizer, params, cfg: StepConfig, batch: dict, autocast,
     grads = [p.grad for p in params if p.grad is not None]
     if on_grads is not None:
         on_grads(grads)
-    if cfg.precision == "fp16":
+    if cfg.grad_scaler:
         found_inf = torch.zeros((), device=grads[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(grads, found_inf, torch.full((), 1.0 / 65536.0,
                                                                                       device=grads[0].device))
@@ -349,7 +381,7 @@ def train_step(model, optimizer, params, cfg: StepConfig, batch: dict, autocast,
 def eval_step(model, cfg: StepConfig, batch: dict, autocast) -> None:
     """An evaluation forward pass as the Trainer runs it: no gradients, autocast, fp32 logits, the loss."""
     with torch.no_grad():
-        if cfg.precision == "fp32":
+        if not cfg.autocast:
             outputs = model(**_model_inputs(batch))
         else:
             with autocast.region(cfg.half):
