@@ -56,6 +56,23 @@ def shrink(spec: model.ModelSpec, layers: int = 2, vocab: int = 4096) -> model.M
     return replace(model.resolve(config), name=f"{spec.name} ({layers} layers)")
 
 
+def narrow(spec: model.ModelSpec, width: int = 64, heads: int = 4) -> model.ModelSpec:
+    """A dry run's stand-in for long runs: ``shrink`` made ``width`` wide too, for GPT-2 and Llama-style configs
+    (transformers maps GPT-2's n_embd and n_head to these names). bf16 matrix products on a CPU without bf16 units
+    run tens of times slower than fp32 ones, so the full width would take minutes per run."""
+    config = model.with_layers(shrink(spec).config, 2)
+    config.hidden_size, config.num_attention_heads = width, heads
+    if hasattr(config, "n_inner"):
+        config.n_inner = 4 * width
+    if getattr(config, "intermediate_size", None):
+        config.intermediate_size = 2 * width
+    if getattr(config, "num_key_value_heads", None):
+        config.num_key_value_heads = heads // 2
+    if getattr(config, "head_dim", None):
+        config.head_dim = width // heads
+    return replace(model.resolve(config), name=f"{spec.name} (2 layers, {width} wide)")
+
+
 def methods(dry_run: bool) -> list[str]:
     if dry_run:
         return ["full", "lora"]
@@ -122,4 +139,5 @@ def silence() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()  # checkpoint saves draw bars that bury the benchmarks' own lines
     simulate._quiet_transformers  # noqa: B018 - the simulations hush themselves; the trials use this
