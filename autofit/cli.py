@@ -105,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--expandable-segments", action="store_true",
                    help="model PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
     p.add_argument("--plot", metavar="FILE", help="also write a PNG of the components against batch size")
+    g = p.add_argument_group("a run, not two steps")
+    g.add_argument("--run", action="store_true",
+                   help="estimate a run whose batches are padded to different lengths (up to --seq-len), replayed "
+                        "through the allocator model: its peaks and how reserved memory grows with the steps")
+    g.add_argument("--steps", type=int, default=30, metavar="N", help="steps in the run (default: 30)")
+    g.add_argument("--data", metavar="FILE", help="draw each batch's samples from this data's token lengths "
+                   "(needs the model's tokenizer locally; default: every length up to --seq-len equally likely)")
+    g.add_argument("--eval-every", type=int, default=None, metavar="N",
+                   help="an evaluation pass every N steps, at --eval-batch (default: none)")
+    g.add_argument("--eval-batch", type=int, default=None, metavar="N", help="evaluation batch (default: --batch-size)")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=_estimate)
 
@@ -244,6 +254,8 @@ def _estimate(args) -> int:
     from autofit import memory as est
 
     progress = _Progress(not args.quiet and not args.json)
+    if args.run:
+        return _estimate_run(args, progress)
     result = est.estimate(
         args.model, args.gpu, batch_size=args.batch_size, seq_len=args.seq_len, method=args.method,
         precision=args.precision, quantization=args.quantization,
@@ -264,6 +276,32 @@ def _estimate(args) -> int:
         print(result.summary())
         if plotted:
             print(f"wrote {plotted}")
+    return 0
+
+
+def _estimate_run(args, progress) -> int:
+    from autofit import data, runs
+    from autofit import model as models
+
+    sample_lengths = None
+    if args.data:
+        tok = data.load_tokenizer(models.resolve(args.model).name)
+        if tok is None:
+            raise AutofitError(f"--data needs {args.model}'s tokenizer in a local directory or the Hugging Face cache; "
+                               "without it, leave --data out to draw lengths evenly up to --seq-len")
+        sample_lengths = data.token_lengths(data.load_samples(args.data), tok)
+    result = runs.estimate_run(
+        args.model, args.gpu, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
+        sample_lengths=sample_lengths, eval_every=args.eval_every,
+        eval_batch_size=(args.eval_batch or args.batch_size) if args.eval_every else None,
+        expandable_segments=args.expandable_segments, progress=progress, method=args.method,
+        precision=args.precision, quantization=args.quantization, gradient_checkpointing=args.gradient_checkpointing,
+        optimizer=args.optimizer, lora_r=args.lora_r, lora_targets=args.lora_targets)
+    progress.done()
+    if args.json:
+        _print_json(result.to_dict())
+    else:
+        print(result.summary())
     return 0
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -40,23 +41,69 @@ from autofit.units import MiB, fmt_bytes
 log = logging.getLogger(__name__)
 
 # -- constants from outside the simulation ---------------------------------------------------------------------------
-# The CUDA context lives outside PyTorch's allocator (nvidia-smi sees it, torch.cuda.memory_reserved does not). With
-# lazy module loading (PyTorch's default since 1.13, pytorch/pytorch#86509) the context measured 287,047,680 bytes
-# after one tensor op (that PR), about 400 MB (ptrblck, pytorch/pytorch#109888) and 426 MiB on an RTX 6000 Ada with
-# PyTorch 2.10 + CUDA 13.0 (unsloth-zoo#1053). A training step loads more kernel modules (cuBLAS, attention,
-# optimizer), so autofit assumes 512 MiB until measurements on each GPU family replace it (benchmarks/gpu_accuracy.py).
+# The CUDA context lives outside PyTorch's allocator (nvidia-smi sees it, torch.cuda.memory_reserved does not).
+# Measured bare contexts: with lazy module loading (PyTorch's default since 1.13, pytorch/pytorch#86509; CUDA's own
+# default on Linux since 12.2) 287,047,680 bytes after one tensor op (that PR), about 300-400 MB (ptrblck,
+# pytorch/pytorch#107667, #109888), 426 MiB on an RTX 6000 Ada with PyTorch 2.10 + CUDA 13.0 (unsloth-zoo#1053);
+# with eager loading 666,632,192 bytes (#86509). No source measures how much a training step's kernels (cuBLAS,
+# attention, the optimizer) add under lazy loading, so autofit assumes 512 MiB for it; eager loading loads every
+# module at start, so its measured figure stands, rounded up to 640 MiB. Measurements on each GPU family replace
+# both (benchmarks/gpu_validation.py).
 CUDA_CONTEXT_BYTES = 512 * MiB
+CUDA_CONTEXT_EAGER_BYTES = 640 * MiB
 CONTEXT_SOURCE = "assumed 512 MiB (measured 274-426 MiB for a bare context, see autofit/memory.py)"
 
-# cuBLAS keeps one workspace per (handle, stream), allocated through the caching allocator on first use; PyTorch
-# 2.13's default is ":4096:2:16:8" (8,519,680 bytes), 32 MiB on compute capability 9.x, 10.x and 12.x
-# (aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize). Handles are per thread, and a training step
-# runs matmuls on two: the Python thread (forward) and the autograd engine's device thread (backward).
+
+def cuda_context_bytes() -> int:
+    """The CUDA context assumed for this process's module loading (``CUDA_MODULE_LOADING``, lazy by default)."""
+    eager = os.environ.get("CUDA_MODULE_LOADING", "LAZY").upper() == "EAGER"
+    return CUDA_CONTEXT_EAGER_BYTES if eager else CUDA_CONTEXT_BYTES
+
+
+# cuBLAS keeps one workspace per (handle, stream), taken from the caching allocator on first use and kept (counted in
+# allocated and reserved memory; issue pytorch/pytorch#95668 shows 8,519,680 bytes allocated after one nn.Linear).
+# Its default (aten/src/ATen/cuda/CublasHandlePool.cpp, parseChosenWorkspaceSize) is ":4096:2:16:8", 8,519,680
+# bytes, and 32 MiB on compute capability 9.0 only in the released wheels 2.4.0-2.11.0 (read from each wheel's
+# libtorch_cuda.so); later sources give Blackwell (10.x, 12.x) 32 MiB too (pytorch/pytorch#175344). cuBLASLt keeps a
+# workspace of its own per (handle, stream) from 2.9 to 2.11 (CUBLASLT_WORKSPACE_SIZE, 1 MiB; #156495), shares
+# cuBLAS's after that (#168175), and before 2.9 takes one per call that the simulation does not see. Handles are per
+# thread, and a training step runs matmuls on two: the Python thread (forward) and the autograd engine's device
+# thread (backward).
 WORKSPACE_THREADS = 2
 
 
-def cublas_workspace_bytes(compute_capability: tuple[int, int]) -> int:
-    return 32 * MiB if compute_capability[0] in (9, 10, 12) else 4096 * 1024 * 2 + 16 * 1024 * 8
+def torch_release() -> tuple[int, int]:
+    """(major, minor) of the PyTorch that runs the training (this process's)."""
+    import torch
+
+    major, minor = torch.__version__.split("+")[0].split(".")[:2]
+    return int(major), int(minor)
+
+
+def cublas_workspace_bytes(compute_capability: tuple[int, int], release: tuple[int, int] | None = None) -> int:
+    """Bytes of one cuBLAS workspace (and of cuBLASLt's, where it keeps its own) on a card of this capability."""
+    release = release or torch_release()
+    big = tuple(compute_capability) == (9, 0) if release <= (2, 11) else compute_capability[0] in (9, 10, 12)
+    cublas = 32 * MiB if big else 4096 * 1024 * 2 + 16 * 1024 * 8
+    cublaslt = 1 * MiB if (2, 9) <= release <= (2, 11) else 0
+    return cublas + cublaslt
+
+
+# What the estimate does not know until a probe measures it on a card (benchmarks/gpu_validation.py): the CUDA
+# context, assumed 512 MiB, measured between 274 and 426 MiB bare (above) and unmeasured with a training step's
+# kernels loaded, so +-CONTEXT_UNCERTAINTY is an assumption; and the allocator's fragmentation margin, carried to
+# the full depth as its largest value over the simulated depths, which replays at 2 to 8 layers show moving by up
+# to ALLOCATOR_UNCERTAINTY of a step's activations, logits and temporaries (benchmarks/margin_by_depth.py).
+CONTEXT_UNCERTAINTY = 256 * MiB
+ALLOCATOR_UNCERTAINTY = 0.10
+UNCERTAINTY_NOTE = "CUDA context +-256 MiB assumed, allocator margin +-10% of activations, logits and temporaries"
+
+
+def uncertainty_bytes(est: "MemoryEstimate") -> int:
+    """Bytes a plan keeps free for what ``est`` cannot know without a measurement on the card; 0 on the CPU."""
+    if est.config.device == "cpu":
+        return 0
+    return CONTEXT_UNCERTAINTY + int(ALLOCATOR_UNCERTAINTY * (est.activations + est.logits_and_loss + est.temporaries))
 
 
 # Categories summed into the device totals (HOST lives in host memory on a real run).
@@ -203,8 +250,10 @@ def _type_period(types) -> int:
     return len(types)
 
 
-def _points(sim: Simulation, types: list[str]) -> list[_Point]:
-    """Candidate peaks of ``sim``, each placed in its block."""
+def _points(sim: Simulation, types: list[str], split_last_backward: bool = False) -> list[_Point]:
+    """Candidate peaks of ``sim``, each placed in its block. With ``split_last_backward`` the backward of layer 1
+    is a block kind of its own ("K1"): it is where tensors every layer shared (rotary tables cast once in the
+    forward) are released when layer 0's input needs no gradient, so it can differ from the other layers'."""
     tl = sim.timeline
     events = tl.events
     if len(events) == 0:
@@ -219,13 +268,20 @@ def _points(sim: Simulation, types: list[str]) -> list[_Point]:
     candidate = (events >= 0) & np.append(events[1:] < 0, True)
     out = []
     for (step, kind, i), (start, end) in _blocks(sim).items():
-        idx = np.nonzero(candidate[start:end])[0] + start
+        # a block's last allocation is a candidate whatever the next block starts with: whether a release follows
+        # it belongs to the neighbour (layer 0's backward starts otherwise than the others'), not to this block
+        here = candidate[start:end].copy()
+        if end > start and events[end - 1] >= 0:
+            here[-1] = True
+        idx = np.nonzero(here)[0] + start
         if kind in ("F", "G"):
             type_, index = types[i], i
         elif kind == "K":
             type_, index = types[sim.num_layers - 1 - i], i
         else:
             type_, index = "", 0
+        if split_last_backward and kind == "K" and i == sim.num_layers - 2:
+            kind, index = "K1", 0
         if kind in ("F", "G") and i == 0:
             kind = kind + "0"
         for ordinal, j in enumerate(idx):
@@ -308,7 +364,24 @@ class _Envelope:
 
 
 def fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers: int) -> _Envelope:
-    """Fits candidate peaks over (depth, block index, shape) and evaluates depth at ``target_layers``."""
+    """Fits candidate peaks over (depth, block index, shape) and evaluates depth at ``target_layers``. Where only
+    the backward of layer 1 differs from the other layers' backward, it is fitted as a block kind of its own."""
+    try:
+        return _fit_envelope(sims, spec, target_layers, split_last_backward=False)
+    except _UnevenBlocks as err:
+        if err.kind != "K":
+            raise
+        return _fit_envelope(sims, spec, target_layers, split_last_backward=True)
+
+
+class _UnevenBlocks(SimulationError):
+    def __init__(self, message: str, kind: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+
+
+def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers: int, *,
+                  split_last_backward: bool) -> _Envelope:
     depths = sorted({s.num_layers for s in sims})
     features = _feature_set((s.batch_size, s.seq_len) for s in sims)
     n_features = _N_FEATURES[features]
@@ -322,7 +395,7 @@ def fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers: 
         phi = shape_features(sim.batch_size, sim.seq_len, features)
         counts: dict[tuple, int] = {}
         rows: dict[int | None, np.ndarray] = {}
-        for point in _points(sim, _layer_types(spec, sim.num_layers)):
+        for point in _points(sim, _layer_types(spec, sim.num_layers), split_last_backward):
             slot, kind = point.slot, point.slot[1]
             counts[(slot[:3], point.index)] = counts.get((slot[:3], point.index), 0) + 1
             if single_depth:
@@ -341,8 +414,8 @@ def fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers: 
             block_sizes.setdefault(block, set()).add(count)
     uneven = [block for block, sizes in block_sizes.items() if len(sizes) > 1]
     if uneven:
-        raise SimulationError(f"blocks of the step differ between layers or simulations ({uneven[0]}); "
-                              "cannot extrapolate depth")
+        raise _UnevenBlocks(f"blocks of the step differ between layers or simulations ({uneven[0]}); "
+                            "cannot extrapolate depth", uneven[0][1])
     target_types = _layer_types(spec, target_layers)
     # slots of one kind and layer type were observed in the same simulations and blocks, so they share a design
     # matrix: solve each group with one least-squares call over all its slots and categories
@@ -401,6 +474,7 @@ def _describe(slot, index, phase, depth) -> str:
         "G": f"forward, after layer {index}" if index is not None else "forward",
         "M": "logits and loss" if phase in (FORWARD, HEAD) else "backward of the logits and loss",
         "K": f"backward of layer {depth - 1 - index}" if index is not None else "backward",
+        "K1": "backward of layer 1",
         "T": "optimizer step" if phase == OPTIMIZE else "backward of layer 0 and the embeddings",
     }.get(kind, kind)
     return f"step {step}, {where}"
@@ -750,7 +824,7 @@ def _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspac
     allocated = max(tensors, eval_peak or 0) + workspaces + rounding
     reserved = max(allocated, tensors + workspaces + reserved_margin)
     needed = min(reserved, max(allocated, tensors + workspaces + needed_margin))
-    context = CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0
+    context = cuda_context_bytes() if cfg.device == "cuda" else 0
     notes = tuple(notes)
     if cfg.device == "cuda":
         notes += (f"CUDA context {CONTEXT_SOURCE}",)

@@ -14,16 +14,15 @@ import functools
 import json
 import logging
 import os
-import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
 
 import torch
 from torch import nn
 
-from autofit.errors import ConfigError, ModelError
+from autofit.errors import ModelError
 from autofit.sim import kbit
 from autofit.sim.arch import ModelSpec, apply_lora, build, lora_targets, unique_params, with_layers
 

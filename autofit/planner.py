@@ -10,22 +10,21 @@ A ``Plan`` says why: which constraint bound, what was traded, how much headroom 
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
-from autofit import calibration, data, memory, probing
+from autofit import calibration, data, memory, probing, runs
 from autofit import gpu as gpus
 from autofit import model as models
-from autofit.errors import ConfigError, DoesNotFitError
+from autofit.errors import ConfigError, DoesNotFitError, SimulationError
 from autofit.memory import MemoryEstimate
 from autofit.plans import Plan
 from autofit.sim.simulate import StepConfig
-from autofit.units import GiB, MiB, fmt_bytes
+from autofit.units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +120,12 @@ def budget(card: gpus.GpuInfo, margin: float = DEFAULT_MARGIN) -> int:
     """Bytes a step may need on ``card``: its memory, less what other processes hold, less ``margin`` of it."""
     if not 0 <= margin < 0.5:
         raise ConfigError(f"margin is a share of the card's memory in [0, 0.5); got {margin}")
-    base = card.free_bytes if card.source in ("nvml", "torch", "host") else card.total_bytes - card.used_by_others_bytes
-    return int(base - margin * card.total_bytes)
+    return int(_available(card) - margin * card.total_bytes)
+
+
+def _available(card: gpus.GpuInfo) -> int:
+    """Bytes free for this run on ``card``: what is free now on a detected card, else its total less others' use."""
+    return card.free_bytes if card.source in ("nvml", "torch", "host") else card.total_bytes - card.used_by_others_bytes
 
 
 def plan(
@@ -195,7 +198,20 @@ def plan(
             reasons.append(f"{truncated:.1%} of the data's samples are longer than {seq} tokens and will be truncated")
 
     cand = chosen
-    estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress, adaptive)
+    rule = _need_rule(spec, cand.cfg, card, allowed, reasons)
+    estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress, adaptive, rule)
+    run, expandable = None, False
+    if card.source != "host":
+        estimate, run, expandable = _run_check(spec, cand, card, allowed, seq, target_batch, lengths, reasons,
+                                               progress, adaptive, estimate, rule)
+    need = max(rule(estimate.min_reserved, estimate), rule(run.min_reserved, estimate) if run else 0)
+    headroom = allowed - need
+    reasons.append(f"headroom {fmt_bytes(headroom)} ({headroom / allowed:.0%} of the budget); peak at "
+                   f"{estimate.where}")
+    unknown = memory.uncertainty_bytes(estimate)
+    if card.source != "host" and unknown > _available(card) - allowed and not _calibration(spec, cand.cfg, card)[1]:
+        reasons.append(f"{fmt_bytes(unknown)} kept free (more than the budget's {margin:.0%} margin) for what the "
+                       f"estimate does not know until a probe on this card measures it ({memory.UNCERTAINTY_NOTE})")
     if adaptive:
         reasons.insert(0, f"effective batch {cand.effective}: " + (
             f"the largest micro-batch that fits (at most {MAX_DEFAULT_BATCH}), as none was asked"
@@ -218,6 +234,7 @@ def plan(
         eval_batch_size=eval_batch, budget_bytes=allowed, estimate=estimate,
         tokens_per_second=cand.speed.tokens_per_second, source="estimated", reasons=tuple(reasons),
         seq_len_source=seq_source, truncated_share=truncated, alternatives=alternatives,
+        expandable_segments=expandable, run=run, need_bytes=need,
     )
     use_probe = probe if probe is not None else (card.source in ("nvml", "torch") and _cuda_present(card))
     if use_probe:
@@ -313,7 +330,7 @@ def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons
         for variant in variants:
             base = memory.step_config(card, method=method, quantization=quant, gradient_checkpointing=False, **variant)
             static = _static_bytes(spec, base)
-            if static > allowed - (memory.CUDA_CONTEXT_BYTES if base.device == "cuda" else 0):
+            if static > allowed - (memory.cuda_context_bytes() if base.device == "cuda" else 0):
                 name = _config_name(base)
                 if len(variants) > 1 and base.autocast:
                     name += f" with fp32 weights ({base.precision})"
@@ -445,7 +462,7 @@ def _size(spec, cfg, card, allowed, seq, target_batch, progress, adaptive=False)
     cand = _Candidate(cfg=cfg)
     sm = memory.StepModel(spec, cfg, seq_len=seq, evaluate=True, progress=progress)
     cand.step_model = sm
-    context = memory.CUDA_CONTEXT_BYTES if cfg.device == "cuda" else 0
+    context = memory.cuda_context_bytes() if cfg.device == "cuda" else 0
 
     def largest(fits) -> int:
         if not fits(1):
@@ -483,7 +500,7 @@ def _exact(spec, cfg, card, batch_size, seq, progress, eval_batch_size=None) -> 
 
 def _eval_batch(cand: _Candidate, allowed: int, target_batch: int) -> int:
     """The largest evaluation batch (up to twice the effective batch, at most 64) the fast model fits, at least 1."""
-    context = memory.CUDA_CONTEXT_BYTES if cand.cfg.device == "cuda" else 0
+    context = memory.cuda_context_bytes() if cand.cfg.device == "cuda" else 0
     best = 1
     for b in range(1, min(64, 2 * target_batch) + 1):
         if cand.step_model.eval_need(b) + context <= allowed:
@@ -491,21 +508,34 @@ def _eval_batch(cand: _Candidate, allowed: int, target_batch: int) -> int:
     return best
 
 
+def _need_rule(spec, cfg: StepConfig, card, allowed: int, reasons: list[str]) -> Callable[[int, MemoryEstimate], int]:
+    """``need(min_reserved, est)``: the free memory a card must offer for a step or run that reserves at least
+    ``min_reserved``: scaled by what probes of this configuration on this card measured; until one has, with the
+    estimate's uncertainty kept free (``memory.uncertainty_bytes``) where it exceeds the budget's own margin."""
+    ratio, samples = _calibration(spec, cfg, card)
+    if samples:
+        reasons.append(f"estimates scaled by {ratio:.3f}: measured over estimated memory in {samples} earlier "
+                       f"probe trial{'s' if samples != 1 else ''} of this configuration on {card.name}")
+    kept = _available(card) - allowed
+
+    def need(min_reserved: int, est: MemoryEstimate) -> int:
+        unknown = 0 if samples or est.config.device == "cpu" else max(0, memory.uncertainty_bytes(est) - kept)
+        return int(min_reserved * ratio) + est.cuda_context + unknown
+
+    return need
+
+
 def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, progress,
-             adaptive: bool = False) -> MemoryEstimate:
+             adaptive: bool = False, rule=None) -> MemoryEstimate:
     """Settles the micro-batch by exact simulation: the largest divisor of the effective batch that fits, searched
     between the fast model's cautious bound and its hard upper bound."""
     divisors = _sizes(target_batch, adaptive)
     tried: dict[int, MemoryEstimate] = {}
     cand.eval_batch_size = _eval_batch(cand, allowed, cand.effective)
-
-    ratio, samples = _calibration(spec, cand.cfg, card)
-    if samples:
-        reasons.append(f"estimates scaled by {ratio:.3f}: measured over estimated memory in {samples} earlier "
-                       f"probe trial{'s' if samples != 1 else ''} of this configuration on {card.name}")
+    rule = rule or _need_rule(spec, cand.cfg, card, allowed, reasons)
 
     def need(est: MemoryEstimate) -> int:
-        return int(est.min_reserved * ratio) + est.cuda_context
+        return rule(est.min_reserved, est)
 
     def fits(b: int) -> bool:
         if b not in tried:
@@ -563,9 +593,6 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
                                                       "; micro-batches divide the effective batch exactly") + ")")
     else:
         reasons.append(f"micro-batch {chosen} x {cand.grad_accum} accumulation = effective batch {cand.effective}")
-    headroom = allowed - need(estimate)
-    reasons.append(f"headroom {fmt_bytes(headroom)} ({headroom / allowed:.0%} of the budget); peak at "
-                   f"{estimate.where}")
     reasons.append(f"precision {cand.cfg.precision}" + {
         "bf16-mixed": " (the card supports bf16; fp32 weights, bf16 autocast)",
         "16-mixed": " (no bf16 on this card; fp32 weights, fp16 autocast with loss scaling)",
@@ -573,6 +600,64 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
         "16-true": " (16-bit weights, gradients and optimizer states; no autocast)",
         "32-true": " (fp32 throughout)" + (" (host memory run)" if card.source == "host" else "")}[cand.cfg.precision])
     return estimate
+
+
+# A run is checked with an evaluation pass every RUN_EVAL_EVERY steps at the plan's eval batch, where a Trainer
+# that evaluates would run one (an assumption: evaluation every few hundred steps changes the allocator's state the
+# same way). Expandable segments are turned on when the run needs them to fit, or when they lower its need by
+# EXPANDABLE_GAIN of the budget or more (a policy: below that the plan keeps PyTorch's default allocator).
+RUN_EVAL_EVERY = 10
+EXPANDABLE_GAIN = 0.03
+
+
+def _run_check(spec, cand: _Candidate, card, allowed, seq, target_batch, sample_lengths, reasons, progress,
+               adaptive, estimate: MemoryEstimate, rule) -> tuple[MemoryEstimate, "runs.RunEstimate | None", bool]:
+    """Checks the chosen micro-batch against a run of varying lengths, not two steps: steps it down while the run
+    does not fit, and turns on expandable segments where they make it fit or lower its need enough to matter.
+    Returns the step estimate at the batch kept, the run's estimate (None where a run cannot be modelled) and
+    whether expandable segments are on."""
+    try:
+        model = runs.run_model(spec, cand.cfg, seq, progress=progress)
+    except (SimulationError, ConfigError) as err:
+        reasons.append(f"planned on two steps at {seq} tokens; a run of varying lengths was not modelled: {err}")
+        return estimate, None, False
+    source = "the data's sample lengths" if sample_lengths is not None else runs.DEFAULT_LENGTHS
+    first = cand.batch_size
+    for b in reversed([d for d in _sizes(target_batch, adaptive) if d <= first]):
+        step = estimate if b == first else _exact(spec, cand.cfg, card, b, seq, progress, cand.eval_batch_size)
+        step_flex = memory.simulate_point(spec, cand.cfg, batch_size=b, seq_len=seq, expandable_segments=True,
+                                          eval_batch_size=cand.eval_batch_size, progress=progress)
+        lengths = runs.step_lengths(b, seq, sample_lengths=sample_lengths)
+        kw = dict(eval_every=RUN_EVAL_EVERY, eval_batch_size=cand.eval_batch_size, length_source=source)
+        plain = model.estimate(b, lengths, step=step, **kw)
+        flex = model.estimate(b, lengths, expandable_segments=True, step=step_flex, **kw)
+        need_plain = rule(max(plain.min_reserved, step.min_reserved), step)
+        need_flex = rule(max(flex.min_reserved, step_flex.min_reserved), step_flex)
+        if min(need_plain, need_flex) <= allowed:
+            break
+    else:
+        raise DoesNotFitError(f"{spec.name} fits two steps of micro-batch 1 x {seq} tokens on {card.name}, but not a "
+                              f"run of varying lengths: it needs {fmt_bytes(need_flex)} of a {fmt_bytes(allowed)} "
+                              "budget; use a shorter --seq-len or a larger card")
+    use_flex = need_plain > allowed or need_plain - need_flex >= EXPANDABLE_GAIN * allowed
+    run, step = (flex, step_flex) if use_flex else (plain, step)
+    if b != first:
+        cand.effective = _effective(b, target_batch, adaptive)
+        cand.batch_size, cand.grad_accum = b, cand.effective // b
+        cand.speed = throughput(spec, cand.cfg, card, batch_size=b, seq_len=seq, grad_accum=cand.grad_accum,
+                                trainable=_trainable(spec, cand.cfg))
+        reasons.append(f"micro-batch {first} stepped down to {b} x {cand.grad_accum} accumulation: two steps fit, "
+                       f"but a run of varying lengths does not (the allocator's cached blocks fragment as shapes "
+                       f"change)")
+    reasons.append(f"over a run of {run.steps} steps padded to {min(run.lengths)}-{max(run.lengths)} tokens "
+                   f"({source}), evaluating every {RUN_EVAL_EVERY}: needs {fmt_bytes(rule(run.min_reserved, step))}"
+                   f" (two steps at {seq} tokens: {fmt_bytes(rule(step.min_reserved, step))}); {run.growth()}")
+    if use_flex:
+        why = ("the run fits only with them" if need_plain > allowed else
+               f"they lower the run's need by {fmt_bytes(need_plain - need_flex)}")
+        reasons.append(f"expandable segments on (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): {why}, from "
+                       f"{fmt_bytes(need_plain)} to {fmt_bytes(need_flex)}")
+    return step, run, use_flex
 
 
 def _calibration(spec, cfg: StepConfig, card) -> tuple[float, int]:

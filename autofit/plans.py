@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass
 from autofit import gpu as gpus
 from autofit.errors import ConfigError
 from autofit.memory import MemoryEstimate
-from autofit.sim import simulate
+from autofit.runs import RunEstimate
+from autofit.sim import arch, simulate
 from autofit.sim.simulate import StepConfig
 from autofit.units import fmt_bytes
 
@@ -93,6 +94,9 @@ class Plan:
     alternatives: tuple[dict, ...] = ()  # close candidates a probe ranks by measured speed (config, batch, tokens/s)
     trials: tuple = ()  # probe trials, when probed
     measured_reserved: int | None = None  # peak reserved bytes the probe measured at the chosen micro-batch
+    run: RunEstimate | None = None  # the run's peaks over steps of varying length, where it was modelled
+    need_bytes: int | None = None  # what the planner checked against the budget: the step's or run's need,
+    # calibrated, with the estimate's uncertainty kept free until a probe measured it (None: the step's need)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1 or self.eval_batch_size < 1:
@@ -148,9 +152,9 @@ class Plan:
 
         transposed = model is not None and any(
             type(m).__name__ == "Conv1D" for name, m in model.named_modules()
-            if name.rsplit(".", 1)[-1] in self.lora_targets)
+            if name.rsplit(".", 1)[-1] in self.lora_targets or self.lora_targets == (arch.ALL_LINEAR,))
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=list(self.lora_targets), task_type="CAUSAL_LM", fan_in_fan_out=transposed)
+                          target_modules=arch.peft_targets(self.lora_targets), task_type="CAUSAL_LM", fan_in_fan_out=transposed)
 
     def quantization_config(self):
         """The transformers ``BitsAndBytesConfig`` of this plan, or None when weights stay 16-bit."""
@@ -169,8 +173,15 @@ class Plan:
         return self.estimate.config
 
     @property
+    def required_bytes(self) -> int:
+        """Free device memory the plan needs: what the planner checked against the budget."""
+        if self.need_bytes is not None:
+            return self.need_bytes
+        return max(self.estimate.required_bytes, self.run.required_bytes if self.run is not None else 0)
+
+    @property
     def headroom_bytes(self) -> int:
-        return self.budget_bytes - self.estimate.required_bytes
+        return self.budget_bytes - self.required_bytes
 
     # -- serialisation ------------------------------------------------------------------------------------------------
     def to_dict(self) -> dict:
@@ -180,6 +191,7 @@ class Plan:
         out["lora_targets"] = list(self.lora_targets) if self.lora_targets else None
         out["reasons"] = list(self.reasons)
         out["trials"] = [asdict(t) if hasattr(t, "__dataclass_fields__") else t for t in self.trials]
+        out["run"] = self.run.to_dict() if self.run is not None else None
         out["alternatives"] = list(self.alternatives)
         return out
 
@@ -202,6 +214,7 @@ class Plan:
             trials = tuple(Trial.from_dict(t) for t in trials)
         data["trials"] = tuple(trials)
         data["alternatives"] = tuple(data.get("alternatives") or ())
+        data["run"] = RunEstimate.from_dict(data["run"]) if data.get("run") else None
         return cls(**data)
 
     @classmethod
@@ -229,7 +242,7 @@ class Plan:
             f"  optimizer            {self.optimizer}",
             f"  eval batch           {self.eval_batch_size}",
             f"  est. throughput      {self.tokens_per_second:,.0f} tokens/s",
-            f"  memory               needs {fmt_bytes(e.required_bytes)} of a {fmt_bytes(self.budget_bytes)} budget "
+            f"  memory               needs {fmt_bytes(self.required_bytes)} of a {fmt_bytes(self.budget_bytes)} budget "
             f"({fmt_bytes(self.headroom_bytes)} headroom)",
         ]
         parts = e.components(tight=True)  # they sum to what the plan needs
@@ -238,6 +251,13 @@ class Plan:
             lines.append(f"    {name:<{width}}  {fmt_bytes(value):>11}")
         lines.append(f"    (on a card with memory to spare the allocator caches more: up to "
                      f"{fmt_bytes(e.peak_reserved)} reserved, {fmt_bytes(e.device_total)} in nvidia-smi)")
+        if self.run is not None:
+            r = self.run
+            lines.append(f"  over a run           {r.steps} steps padded to {min(r.lengths)}-{max(r.lengths)} tokens "
+                         f"({r.length_source}): needs {fmt_bytes(r.required_bytes)}; {r.growth()}")
+        if self.expandable_segments:
+            lines.append("  allocator            export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True   "
+                         "(before Python starts; autofit train sets it)")
         lines.append("  why:")
         lines.extend(f"    - {r}" for r in self.reasons)
         lines.append("  use it:  args = plan.training_arguments(output_dir='out')  # transformers.TrainingArguments")

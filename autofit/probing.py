@@ -34,7 +34,7 @@ from autofit import calibration, memory
 from autofit import gpu as gpus
 from autofit import model as models
 from autofit.errors import ProbeError
-from autofit.plans import Plan, Trial
+from autofit.plans import Trial
 from autofit.sim import kbit, simulate
 from autofit.sim.simulate import StepConfig
 from autofit.sim.tracker import Tracker
@@ -452,7 +452,10 @@ def probe(plan, *, spec=None, device=None, isolate: bool = False, use_cache: boo
         gradient_checkpointing=cfg.gradient_checkpointing, optimizer=cfg.optimizer,
         batch_size=best.batch_size, grad_accum=plan.effective_batch // best.batch_size, estimate=estimate,
         tokens_per_second=best.tokens_per_second or plan.tokens_per_second, source="probed",
-        reasons=tuple(reasons), trials=tuple(prober.trials), measured_reserved=chosen_trial.peak_reserved)
+        reasons=tuple(reasons), trials=tuple(prober.trials), measured_reserved=chosen_trial.peak_reserved,
+        # the run and the need were estimated for the plan's knobs: kept where the probe kept them
+        run=plan.run if (cfg, best.batch_size) == (plan.step_config, plan.batch_size) else None,
+        need_bytes=plan.need_bytes if (cfg, best.batch_size) == (plan.step_config, plan.batch_size) else None)
 
 
 def _rank(prober: _Prober, candidates: list[tuple[StepConfig, int]]) -> list[_Search]:

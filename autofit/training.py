@@ -127,8 +127,8 @@ def train(
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "plan.json", plan.to_json())
-    if plan.expandable_segments and "PYTORCH_CUDA_ALLOC_CONF" not in os.environ:
-        os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"  # read when CUDA first allocates
+    if plan.expandable_segments:
+        _use_expandable_segments()
     net = load_model(spec, plan, model_ref=model, random_init=random_init)
     packed = packing if packing is not None else all(isinstance(s, str) for s in samples) and \
         not str(data).endswith((".jsonl", ".json"))
@@ -163,6 +163,19 @@ def train(
         eval_loss=eval_loss, peak_allocated=summary["peak_allocated"], peak_reserved=summary["peak_reserved"],
         peak_host_rss=summary["peak_host_rss"], alloc_retries=summary["alloc_retries"],
         tokens_per_second=summary["tokens_per_second"], guard_events=tuple(state.events))
+
+
+def _use_expandable_segments() -> None:
+    """Turns on the caching allocator's expandable segments, as the plan says: through the environment when CUDA has
+    not started (it is read at the first allocation), else through the allocator's settings call, which applies to
+    segments made from then on. A user's own PYTORCH_CUDA_ALLOC_CONF is kept, with a warning."""
+    current = os.environ.get("PYTORCH_CUDA_ALLOC_CONF")
+    if current is not None and "expandable_segments:True" not in current:
+        log.warning("the plan uses expandable segments, but PYTORCH_CUDA_ALLOC_CONF=%s is set; kept as it is", current)
+        return
+    os.environ["PYTORCH_CUDA_ALLOC_CONF"] = "expandable_segments:True"
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
 def _plan(spec, plan, gpu, samples, tok, options) -> planner.Plan:

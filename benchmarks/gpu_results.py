@@ -208,7 +208,7 @@ def _section_runs(rows: list[dict]) -> list[str]:
                      f"{_size(last.get('max_allocated'))} ({_size(est.get('peak_allocated'))}) | "
                      f"{_size(last.get('nvml'))} ({_size(est.get('device_total'))}) |")
     if rows and not any(r.get("estimate") for r in rows):
-        lines += ["", "No estimate column: `memory.estimate_run` was not available in the checkout that ran."]
+        lines += ["", "No estimate column: `runs.estimate_run` failed for every row (see estimate_error)."]
     return lines + [""]
 
 

@@ -23,7 +23,7 @@ d. Probe cost against accelerate's ``find_executable_batch_size`` and doubling-t
 runs (issue 10): 30 steps whose padded length changes every step (lengths drawn from a fixed distribution, fixed
    seed), six configurations (distilgpt2 and TinyLlama-1.1B x full bf16-mixed, full bf16-true and LoRA, checkpointing
    split between them, so each model has each precision once and each precision both settings); peaks after steps
-   2, 10 and 30 against ``memory.estimate_run``. The other six run last, as ``runs-more``.
+   2, 10 and 30 against ``runs.estimate_run``. The other six run last, as ``runs-more``.
 
 The budget (``--minutes``) counts from the script's start: imports, the simulation workers and the CUDA context are
 in it. Each part is a list of units; before each unit the cost model (``gpu_budget``) predicts its seconds, and a
@@ -57,10 +57,10 @@ import torch  # noqa: E402
 import gpu_budget as budgeting  # noqa: E402
 import gpu_common as common  # noqa: E402
 import gpu_results as results  # noqa: E402
-from autofit import gpu, memory, model, planner, probing, training  # noqa: E402
+from autofit import gpu, memory, model, planner, probing, runs, training  # noqa: E402
 from autofit.errors import AutofitError  # noqa: E402
 from autofit.guard import guard  # noqa: E402
-from autofit.sim import arch, kbit, simulate  # noqa: E402
+from autofit.sim import kbit, simulate  # noqa: E402
 from autofit.sim.simulate import StepConfig  # noqa: E402
 from autofit.units import fmt_bytes  # noqa: E402
 
@@ -461,31 +461,20 @@ def run_d(unit, ctx: Context):
     ctx.log.append(dict(section="d", model=ctx.specs[name].name, **row))
 
 
-def _bf16_model(spec, device: str) -> torch.nn.Module:
-    """The full model in bf16 (16-bit weights, and so 16-bit gradients and AdamW moments): transformers 5 loads
-    checkpoints in their stored dtype, and many runs train them as loaded."""
-    from transformers import AutoModelForCausalLM
-
-    config = arch.with_layers(spec.config, spec.num_layers)
-    with torch.device(device):
-        return AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
-
-
 def run_varying(spec, precision: str, checkpointing: bool, dev, *, lengths: list[int], batch: int, dry: bool,
                 compute_capability: tuple[int, int], marks_at: tuple[int, ...]) -> tuple[list[dict], float]:
     """``len(lengths)`` training steps whose batch is ``batch`` x the step's padded length; the peaks since the model
     and optimizer were built, and NVML process memory, after each step in ``marks_at``. Returns them and the
     seconds."""
     method = "lora" if precision == "lora" else "full"
-    # bf16-true trains bf16 weights with no autocast: the step's no-autocast path is the one written for fp32
-    step_precision = "fp32" if precision == "bf16-true" else "bf16"
-    cfg = StepConfig(method=method, precision=step_precision, gradient_checkpointing=checkpointing,
+    cfg = StepConfig(method=method, precision="bf16-mixed" if precision == "lora" else precision,
+                     gradient_checkpointing=checkpointing,
                      device="cpu" if dry else "cuda", compute_capability=compute_capability)
     marks = []
     started = time.perf_counter()
     with dev.session():
         dev.cleanup()
-        net = _bf16_model(spec, dev.torch_device) if precision == "bf16-true" else dev.build(spec, cfg)
+        net = dev.build(spec, cfg)  # bf16-true: the model built in bf16, as StepConfig.weights_dtype says
         net.train()
         if checkpointing:
             simulate._enable_checkpointing(net)
@@ -512,19 +501,16 @@ def run_runs(unit, ctx: Context):
     batch = DRY["run_batch"] if ctx.dry else RUN_BATCH
     method = "lora" if precision == "lora" else "full"
     estimate, error = None, None
-    if hasattr(memory, "estimate_run"):  # issue 10's API; remove this check once it is merged
-        try:
-            est = memory.estimate_run(spec, ctx.card, batch_size=batch, lengths=lengths, method=method,
-                                      precision="bf16-mixed" if precision == "lora" else precision,
-                                      gradient_checkpointing=checkpointing)
-            estimate = dict(peak_allocated=est.peak_allocated, peak_reserved=est.peak_reserved,
-                            device_total=est.device_total,
-                            reserved_after={int(k): int(v) for k, v in est.reserved_after.items()})
-        except Exception as err:  # noqa: BLE001 - an estimate that fails must not cost the measurement beside it
-            error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
-            print(f"# runs {unit.label}: the estimate failed ({error}); measuring anyway", flush=True)
-    else:
-        ctx.note("estimate_run not available in this checkout: the runs section's estimate column is skipped")
+    try:
+        est = runs.estimate_run(spec, ctx.card, batch_size=batch, lengths=lengths, method=method,
+                                precision="bf16-mixed" if precision == "lora" else precision,
+                                gradient_checkpointing=checkpointing)
+        estimate = dict(peak_allocated=est.peak_allocated, peak_reserved=est.peak_reserved,
+                        device_total=est.device_total,
+                        reserved_after={int(k): int(v) for k, v in est.reserved_after.items()})
+    except Exception as err:  # noqa: BLE001 - an estimate that fails must not cost the measurement beside it
+        error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
+        print(f"# runs {unit.label}: the estimate failed ({error}); measuring anyway", flush=True)
     cc = ctx.card.compute_capability or (8, 6)
     marks, seconds = run_varying(spec, precision, checkpointing, common.device(ctx.dry), lengths=lengths,
                                  batch=batch, dry=ctx.dry, compute_capability=cc,

@@ -24,6 +24,11 @@ def _tensors(est):
     (tiny_llama(layers=9), StepConfig(precision="fp16", optimizer="adamw_torch", gradient_checkpointing=True)),
     (tiny_gemma2(layers=10), StepConfig()),  # alternating sliding and full attention layers
     (tiny_gemma2(layers=10), StepConfig(method="lora")),
+    # LoRA on the MLP: the backward of layer 1 releases the rotary tables every layer shared
+    (tiny_llama(layers=9), StepConfig(method="lora", lora_targets=("gate_proj", "up_proj", "down_proj"))),
+    (tiny_llama(layers=9), StepConfig(method="lora", lora_targets=("all-linear",))),
+    (tiny_llama(layers=9), StepConfig(precision="bf16-true", gradient_checkpointing=True)),
+    (tiny_llama(layers=9), StepConfig(method="lora", precision="bf16-true")),
 ])
 def test_depth_extrapolation_equals_a_full_depth_simulation(ref, cfg):
     spec = model.resolve(ref)
@@ -120,3 +125,20 @@ def test_analytic_fallback_when_a_step_cannot_be_simulated(monkeypatch):
     assert est.source == "analytic" and "analytic" in est.notes[0]
     counts = model.count_params(model.resolve("distilgpt2"))
     assert est.weights == 4 * counts.total and est.optimizer_state == 8 * counts.trainable
+
+
+@pytest.mark.parametrize("cc, release, expected", [
+    ((8, 6), (2, 8), 8_519_680),  # ":4096:2:16:8"
+    ((9, 0), (2, 8), 32 * 2**20),  # Hopper: 32 MiB in every release from 2.4 on
+    ((12, 0), (2, 11), 8_519_680 + 2**20),  # Blackwell got 32 MiB only after 2.11; cuBLASLt keeps 1 MiB in 2.9-2.11
+    ((12, 0), (2, 13), 32 * 2**20),  # later: Blackwell 32 MiB, cuBLASLt shares cuBLAS's workspace
+])
+def test_cublas_workspaces_follow_the_pytorch_release(cc, release, expected):
+    assert memory.cublas_workspace_bytes(cc, release) == expected
+
+
+def test_eager_module_loading_assumes_the_larger_context(monkeypatch):
+    monkeypatch.setenv("CUDA_MODULE_LOADING", "EAGER")
+    assert memory.cuda_context_bytes() == memory.CUDA_CONTEXT_EAGER_BYTES
+    monkeypatch.delenv("CUDA_MODULE_LOADING")
+    assert memory.cuda_context_bytes() == memory.CUDA_CONTEXT_BYTES

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from autofit import data, gpu, planner
+from autofit import data, gpu, planner, runs
 from autofit.errors import ConfigError, DoesNotFitError, GpuError
 from autofit.planner import Plan, plan
 from tests.conftest import tiny_llama
@@ -96,8 +96,8 @@ def _record_simulations(monkeypatch) -> list:
 
 def test_a_method_in_doubt_is_ruled_out_by_one_lean_simulation(monkeypatch):
     requested = _record_simulations(monkeypatch)
-    # full fine-tuning's weights, gradients and AdamW state (1.2 GiB) take over half of a 2 GiB card's budget
-    p = plan("distilgpt2", "2GiB", seq_len=1024, precision="bf16-mixed")  # fp32 weights only
+    # full fine-tuning's weights, gradients and AdamW state (1.2 GiB) take over half of a 2.25 GiB card's budget
+    p = plan("distilgpt2", "2.25GiB", seq_len=1024, precision="bf16-mixed")  # fp32 weights only
     assert [r for r in requested if r[0] == "full"] == [("full", True, 1, 2), ("full", True, 1, 3)]
     assert "full fine-tuning ruled out at 1024 tokens: a micro-batch of 1 does not fit" in p.reasons
     assert p.method == "lora"
@@ -125,6 +125,10 @@ def test_dataset_sets_the_sequence_length_from_real_token_lengths(tmp_path):
     assert p.seq_len == expected.seq_len and p.seq_len_source == "data"
     assert p.truncated_share == expected.truncated_share
     assert any("percentile" in r for r in p.reasons)
+    # the plan is checked against a run whose batches are drawn from the data's lengths, padded per batch
+    assert p.run.length_source == "the data's sample lengths" and p.run.batch_size == p.batch_size
+    assert p.run.lengths == runs.step_lengths(p.batch_size, p.seq_len, sample_lengths=lengths)
+    assert any(r.startswith("over a run of 30 steps padded to") for r in p.reasons)
 
 
 def test_training_arguments_drive_a_trainer(tmp_path):
@@ -225,3 +229,14 @@ def test_a_model_loaded_in_bf16_is_planned_as_loaded():
     assert all(q.dtype == torch.bfloat16 for q in module.parameters())  # planning never touches the model
     fp32 = plan(AutoModelForCausalLM.from_config(tiny_llama()), "rtx3060", seq_len=64, method="full")
     assert fp32.precision == "bf16-mixed"
+
+
+def test_a_plan_turns_on_expandable_segments_where_the_run_fits_only_with_them():
+    p = plan("distilgpt2", "rtx3060")
+    assert p.expandable_segments and (p.batch_size, p.grad_accum) == (8, 2)
+    assert any(r.startswith("expandable segments on (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): the run "
+                            "fits only with them") for r in p.reasons)
+    assert "export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in p.summary()
+    assert p.run.expandable_segments and p.required_bytes <= p.budget_bytes
+    again = Plan.from_json(p.to_json())
+    assert again.run == p.run and again.required_bytes == p.required_bytes

@@ -114,7 +114,8 @@ def apply_lora(
         raise ConfigError(f"LoRA rank must be positive; got {r}")
     if not targets:
         raise ModelError("no LoRA target modules known for this architecture; pass them with --lora-targets a,b")
-    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(targets), task_type="CAUSAL_LM")
+    config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=peft_targets(targets),
+                        task_type="CAUSAL_LM")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
@@ -127,6 +128,14 @@ def apply_lora(
                 f"LoRA targets {','.join(targets)} do not match this model ({str(err).splitlines()[0]}); "
                 f"its linear layers are: {','.join(names)}"
             ) from None
+
+
+ALL_LINEAR = "all-linear"  # peft's name for every linear layer but the output head
+
+
+def peft_targets(targets: tuple[str, ...]):
+    """``targets`` as peft's ``LoraConfig`` takes them: a list of module names, or peft's ``"all-linear"``."""
+    return ALL_LINEAR if tuple(targets) == (ALL_LINEAR,) else list(targets)
 
 
 def unique_params(model: nn.Module) -> list[nn.Parameter]:
