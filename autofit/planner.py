@@ -906,7 +906,8 @@ def _does_not_fit(spec, card, allowed, seq, asked: _Asked, progress=None) -> Doe
 
 # -- many models on one card ---------------------------------------------------------------------------------------------
 def fit_table(gpu, *, method: str = "auto", seq_len: int | None = None,
-              names: list[str] | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
+              names: list[str] | None = None, progress: Callable[[str], None] | None = None,
+              reserved_by_others: int | str | None = None) -> list[dict]:
     """For every catalog model (or ``names``), the best plan on ``gpu`` or why none fits (``reason``: the whole
     answer; ``binding`` and ``ways_out``: its parts). ``progress`` hears the count, the time elapsed and what is left."""
     rows = []
@@ -918,7 +919,7 @@ def fit_table(gpu, *, method: str = "auto", seq_len: int | None = None,
             try:
                 spec = models.resolve(name)
                 length = min(seq_len, spec.max_positions) if seq_len and spec.max_positions else seq_len
-                p = plan(spec, gpu, method=method, seq_len=length, probe=False,
+                p = plan(spec, gpu, method=method, seq_len=length, probe=False, reserved_by_others=reserved_by_others,
                          progress=work.inner if hasattr(work, "inner") else work)
                 rows.append(dict(model=name, fits=True, method=p.method, quantization=p.quantization,
                                  batch_size=p.batch_size, grad_accum=p.grad_accum, seq_len=p.seq_len,
