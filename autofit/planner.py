@@ -336,7 +336,8 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
             f"the default, micro-batches accumulating to it") + "; pass effective_batch to fix it, or "
             "effective_batch='max' for the largest micro-batch")
     alternatives = tuple(
-        dict(config={k: getattr(c.cfg, k) for k in c.cfg.__slots__}, batch_size=c.batch_size, grad_accum=c.grad_accum,
+        dict(config={k: _plain(getattr(c.cfg, k)) for k in c.cfg.__slots__}, batch_size=c.batch_size,
+             grad_accum=c.grad_accum,
              tokens_per_second=round(c.speed.tokens_per_second, 1))
         for c in seen if c is not cand and c.speed.tokens_per_second >= CLOSE * cand.speed.tokens_per_second)
     trainable = _trainable(spec, cand.cfg)
@@ -355,6 +356,11 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
         largest_batch=max(cand.largest, cand.batch_size), gradient_bytes=GRADIENT_BYTES * trainable,
         trainable_params=trainable,
     )
+
+
+def _plain(value):
+    """A config value as JSON keeps it (tuples as lists), so a plan equals itself read back from plan.json."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def _card(gpu, reasons: list[str]) -> gpus.GpuInfo:
