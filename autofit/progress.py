@@ -51,6 +51,13 @@ class Counted:
         if self.bar is not None:
             self.bar.close()
 
+    def _line(self, label: str) -> str:
+        elapsed = time.perf_counter() - self.started
+        done = max(0, self.done)
+        left = f", about {_clock(elapsed / done * (self.total - done))} left" if done else ""
+        return (f"{self.what} {min(done + 1, self.total)}/{self.total}" + (f" {label}" if label else "")
+                + f" ({_clock(elapsed)} elapsed{left})")
+
     @property
     def inner(self) -> "_Inner":
         """A callback for the work inside one unit: its messages show beside the count, and work that would count
@@ -72,13 +79,6 @@ class _Inner:
 
     def close(self) -> None:
         pass
-
-    def _line(self, label: str) -> str:
-        elapsed = time.perf_counter() - self.started
-        done = max(0, self.done)
-        left = f", about {_clock(elapsed / done * (self.total - done))} left" if done else ""
-        return (f"{self.what} {min(done + 1, self.total)}/{self.total}" + (f" {label}" if label else "")
-                + f" ({_clock(elapsed)} elapsed{left})")
 
 
 def counted(progress: Callable[[str], None] | None, total: int, what: str) -> Counted | _Inner | None:
