@@ -345,7 +345,7 @@ def _probe(args) -> int:
     if args.json:
         print(result.to_json())
         return 0
-    print(result.summary())
+    print(as_flags(result.summary()))
     if plotted:
         print(f"wrote {plotted}")
     if result.source == "estimated":
@@ -406,7 +406,7 @@ def _train(args) -> int:
         out["plan"] = result.plan.to_dict()
         _print_json(out)
     else:
-        print(result.plan.summary())
+        print(as_flags(result.plan.summary()))
         print(result.report())
     return 0
 
@@ -415,7 +415,7 @@ def _cache(args) -> int:
     import shutil
 
     from autofit import calibration
-
+    from autofit import gpu as gpus
     from autofit.sim import simulate
 
     root = calibration.cache_root()
@@ -428,6 +428,7 @@ def _cache(args) -> int:
         n = store.clear()
         if sims and sims.parent.exists():
             shutil.rmtree(sims.parent)
+        (root / gpus.HOST_SPEED_FILE).unlink(missing_ok=True)  # the CPU is measured again on its next plan
         print(f"cleared {n} calibration(s), the probe studies and {len(sim_files)} cached simulation(s) in {root}")
         return 0
     entries = store.entries()

@@ -541,7 +541,7 @@ class HostSpeed:
 _HOST_MATMUL_N = 1024
 _HOST_COPY_BYTES = 64 * MiB
 _HOST_REPEATS = 5
-_HOST_CACHE_FILE = "host_speed.json"
+HOST_SPEED_FILE = "host_speed.json"
 
 
 @functools.cache
@@ -559,7 +559,7 @@ def host_speed() -> HostSpeed:
 
     key = f"{_cpu_model()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
     root = calibration.cache_root()
-    path = root / _HOST_CACHE_FILE if root is not None else None
+    path = root / HOST_SPEED_FILE if root is not None else None
     if path is not None:
         try:
             cached = json.loads(path.read_text()).get(key)
@@ -569,7 +569,27 @@ def host_speed() -> HostSpeed:
                                  source="cached")
         except (OSError, ValueError, TypeError, KeyError, AttributeError):
             pass
+    speed = measure_host_speed()
+    matmul, bandwidth = speed.matmul_tflops, speed.bandwidth_gbs
+    if path is not None:
+        try:
+            table = json.loads(path.read_text()) if path.exists() else {}
+            table = table if isinstance(table, dict) else {}
+        except (OSError, ValueError):
+            table = {}
+        table[key] = {"matmul_tflops": matmul, "bandwidth_gbs": bandwidth}
+        try:
+            write_atomic(path, json.dumps(table, indent=1))
+        except OSError as exc:
+            log.debug("could not keep the host calibration in %s (%s)", path, exc)
+    return speed
+
+
+def measure_host_speed() -> HostSpeed:
+    """This CPU's fp32 matmul and copy rates measured now (``host_speed`` measures once and keeps the result)."""
     import time
+
+    import torch
 
     def median_seconds(fn) -> float:
         fn()  # warm-up: thread pool, allocation, caches
@@ -586,20 +606,8 @@ def host_speed() -> HostSpeed:
     src = torch.empty(_HOST_COPY_BYTES // 4)
     dst = torch.empty_like(src)
     bandwidth = 2 * _HOST_COPY_BYTES / median_seconds(lambda: dst.copy_(src)) / 1e9
-    speed = HostSpeed(matmul_tflops=matmul, bandwidth_gbs=bandwidth, threads=torch.get_num_threads(),
-                      source="measured")
-    if path is not None:
-        try:
-            table = json.loads(path.read_text()) if path.exists() else {}
-            table = table if isinstance(table, dict) else {}
-        except (OSError, ValueError):
-            table = {}
-        table[key] = {"matmul_tflops": matmul, "bandwidth_gbs": bandwidth}
-        try:
-            write_atomic(path, json.dumps(table, indent=1))
-        except OSError as exc:
-            log.debug("could not keep the host calibration in %s (%s)", path, exc)
-    return speed
+    return HostSpeed(matmul_tflops=matmul, bandwidth_gbs=bandwidth, threads=torch.get_num_threads(),
+                     source="measured")
 
 
 def _cpu_model() -> str:

@@ -328,12 +328,12 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
     elif host_default:
         reasons.insert(0, f"effective batch {cand.effective}: the default; on a CPU a larger micro-batch runs no "
                           "faster, it only lengthens each step, so it does not grow to fill the memory; pass "
-                          "effective_batch to change it")
+                          "effective_batch=N to change it")
     elif adaptive:
         reasons.insert(0, f"effective batch {cand.effective}: " + (
             f"the largest micro-batch that fits (at most {MAX_DEFAULT_BATCH}), as none was asked"
             if cand.batch_size >= DEFAULT_EFFECTIVE_BATCH else
-            f"the default, micro-batches accumulating to it") + "; pass effective_batch to fix it, or "
+            f"the default, micro-batches accumulating to it") + "; pass effective_batch=N to fix it, or "
             "effective_batch='max' for the largest micro-batch")
     alternatives = tuple(
         dict(config={k: _plain(getattr(c.cfg, k)) for k in c.cfg.__slots__}, batch_size=c.batch_size,
@@ -411,7 +411,7 @@ def _sequence_length(spec, seq_len, dataset, tokenizer, reasons, progress=None):
                        f"multiple of 64; {choice.truncated_share:.1%} of samples truncated")
         return choice.seq_len, "data", choice.truncated_share, lengths
     seq = min(DEFAULT_SEQ_LEN, spec.max_positions or DEFAULT_SEQ_LEN)
-    reasons.append(f"sequence length {seq} by default (pass seq_len, or a dataset to measure it)")
+    reasons.append(f"sequence length {seq} by default (pass seq_len=N, or a dataset to measure it)")
     return seq, "default", None, None
 
 

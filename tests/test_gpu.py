@@ -623,3 +623,24 @@ def test_process_memory_reads_our_own_process(monkeypatch, clean_env):
     assert nvml.calls.count("init") == nvml.calls.count("shutdown")
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(devices, init_error=FakeNVMLError("no driver")))
     assert gpu.process_memory(0) is None
+
+
+def test_host_speed_is_measured_once_and_kept(monkeypatch, tmp_path):
+    measured = []
+
+    def fake():
+        measured.append(1)
+        return gpu.HostSpeed(matmul_tflops=0.05, bandwidth_gbs=20.0, threads=2, source="measured")
+
+    monkeypatch.setattr(gpu, "measure_host_speed", fake)
+    monkeypatch.setenv("AUTOFIT_CACHE", str(tmp_path))
+    gpu.host_speed.cache_clear()
+    try:
+        first = gpu.host_speed()
+        gpu.host_speed.cache_clear()  # a new process: the figure comes from the cache folder
+        second = gpu.host_speed()
+    finally:
+        gpu.host_speed.cache_clear()
+    assert measured == [1] and first.source == "measured" and second.source == "cached"
+    assert (second.matmul_tflops, second.bandwidth_gbs) == (0.05, 20.0)
+    assert (tmp_path / gpu.HOST_SPEED_FILE).exists()
