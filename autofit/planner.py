@@ -273,7 +273,9 @@ def plan(
                    checkpointing=checkpointing, seq_source=seq_source, eval_batch_size=eval_batch_size)
 
     bases = _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons)
-    outer, progress = progress, counted(progress, len(bases) * len(checkpointing) + 2, f"planning {spec.name}")
+    # stages: each checkpointing setting of the first method, then the exact settling and the largest micro-batch;
+    # the count grows when the search goes on to a lighter method or a shorter sequence
+    outer, progress = progress, counted(progress, len(checkpointing) + 2, f"planning {spec.name}")
     try:
         result = _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked, reasons, target_batch,
                        adaptive, want_max, host_default, eval_batch_size, progress)
@@ -309,19 +311,19 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
             reasons.append(f"{truncated:.1%} of the data's samples are longer than {seq} tokens and will be truncated")
 
     cand = chosen
-    estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress, adaptive, eval_batch_size,
-                        asked)
-    if want_max and cand.largest > cand.batch_size:
-        estimate = cand.largest_estimate
-        cand.batch_size, cand.grad_accum, cand.effective = cand.largest, 1, cand.largest
+    estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress, adaptive, eval_batch_size)
+    if want_max:
+        if cand.largest > cand.batch_size:
+            estimate = cand.largest_estimate
+            cand.batch_size = cand.largest
+        cand.grad_accum, cand.effective = 1, cand.batch_size
         cand.speed = throughput(spec, cand.cfg, card, batch_size=cand.batch_size, seq_len=seq, grad_accum=1,
                                 trainable=_trainable(spec, cand.cfg))
-        reasons[:] = [r for r in reasons if not r.startswith(("micro-batch ", "headroom "))]
-        _headroom_reason(reasons, allowed, cand.need(estimate), estimate)
-    elif want_max:
-        cand.grad_accum, cand.effective = 1, cand.batch_size
     for index, text in cand.deferred:  # reasons that quote the chosen candidate, written now that it is settled
         reasons[index] = text(cand)
+    if want_max:  # the micro-batch reasons were about the default effective batch, not this one
+        reasons[:] = [r for r in reasons if not r.startswith(("micro-batch ", "headroom "))]
+        _headroom_reason(reasons, allowed, cand.need(estimate), estimate)
     if want_max:
         reasons.insert(0, f"effective batch {cand.effective}: the largest micro-batch that fits, one step each, as "
                           "effective_batch='max' asked")
@@ -608,8 +610,7 @@ def _eval_batch(cand: _Candidate, allowed: int, target_batch: int) -> int:
 
 
 def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, progress,
-             adaptive: bool = False, eval_batch_size: int | None = None, asked: _Asked | None = None
-             ) -> MemoryEstimate:
+             adaptive: bool = False, eval_batch_size: int | None = None) -> MemoryEstimate:
     """Settles the micro-batch by exact simulation: the largest divisor of the effective batch that fits, searched
     between the fast model's cautious bound and its hard upper bound; then the largest micro-batch that fits at all
     (``cand.largest``). ``eval_batch_size`` fixes the evaluation batch; else it is the largest the fast model fits
@@ -669,7 +670,7 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
     if chosen is None:
         est = exact(1)
         if fixed_eval and est.eval_peak is not None and est.eval_peak >= _tensors(est):
-            fitting = _eval_batch(cand, allowed, cand.eval_batch_size)
+            fitting = max(1, min(_eval_batch(cand, allowed, cand.eval_batch_size), cand.eval_batch_size - 1))
             raise DoesNotFitError(
                 f"the evaluation pass at eval_batch_size={cand.eval_batch_size} does not fit {card.name}: the step "
                 f"needs {fmt_bytes(need(est))} of a {fmt_bytes(allowed)} budget; eval_batch_size={fitting} fits, or "

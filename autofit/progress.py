@@ -32,8 +32,12 @@ class Counted:
         self.bar = counter(self.total, what) if counter else None
 
     def step(self, label: str = "") -> None:
-        """Begins the next unit (and so finishes the one before)."""
-        self.done = min(self.done + 1, self.total)
+        """Begins the next unit (and so finishes the one before); a count that was a guess grows when passed."""
+        self.done += 1
+        if self.done >= self.total:
+            self.total = self.done + 1
+            if self.bar is not None:
+                self.bar.total = self.total
         self.label = label
         if self.bar is not None:
             self.bar.update(self.done - self.bar.n)
@@ -55,7 +59,7 @@ class Counted:
         elapsed = time.perf_counter() - self.started
         done = max(0, self.done)
         left = f", about {_clock(elapsed / done * (self.total - done))} left" if done else ""
-        return (f"{self.what} {min(done + 1, self.total)}/{self.total}" + (f" {label}" if label else "")
+        return (f"{self.what} {done + 1}/{self.total}" + (f" {label}" if label else "")
                 + f" ({_clock(elapsed)} elapsed{left})")
 
     @property
