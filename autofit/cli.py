@@ -86,8 +86,8 @@ EVAL_BATCH_HELP = ("evaluation micro-batch. Default: set by the card: the larges
                    "training step")
 RESERVED_HELP = ("memory other programs hold on the card, such as a display (e.g. 800MiB, 0). Default: what a "
                  "detected card reports; 512MiB for a desktop GeForce card named from the catalog, 0 for others")
-MARGIN_HELP = ("share of the card's memory kept free (default: 0.05); on the CPU the budget is half the RAM "
-               "available instead")
+MARGIN_HELP = ("share of the card's memory kept free (default: 0.05); on the CPU without it, the budget is half "
+               "the RAM available")
 
 
 def _csv(text: str) -> tuple[str, ...]:

@@ -65,9 +65,11 @@ HALF_EFFICIENCY_TOKENS = 1024
 BUS_EFFICIENCY = 0.8
 GENERIC_TFLOPS, GENERIC_BANDWIDTH = 25.6, 360.0
 # On the CPU the rates are this machine's, measured on first use (``gpu.host_speed``: an fp32 matmul and a copy).
-# HOST_STEP_EFFICIENCY is the share of that matmul rate a whole fp32 training step reaches: 0.8, the measured ratio
-# for distilgpt2 at 4 x 128 tokens (benchmarks/cpu_throughput.py, 2 cores: see benchmarks/results); CPU matmuls
-# reach their rate at small shapes, so half of it at HOST_HALF_EFFICIENCY_TOKENS (an assumption).
+# HOST_STEP_EFFICIENCY is the share of that matmul rate a whole fp32 training step reaches. 0.8 is an assumption that
+# benchmarks/cpu_throughput.py brackets: on a shared 2-core machine, with the CPU's rates measured just before each
+# run, train measured 0.74-1.47x the estimate (median 1.25x) for distilgpt2, SmolLM2-135M and gpt2 at 128-256
+# tokens; the spread is other jobs' load (benchmarks/results/cpu-2026-11-23). CPU matmuls reach their rate at small
+# shapes, so half of it at HOST_HALF_EFFICIENCY_TOKENS (an assumption).
 HOST_STEP_EFFICIENCY = 0.8
 HOST_HALF_EFFICIENCY_TOKENS = 64
 LAUNCH_SECONDS_PER_LAYER = 20e-6  # kernel launches and Python per layer per pass
@@ -179,13 +181,18 @@ class _Asked:
     eval_batch_size: int | None
 
 
-def budget(card: gpus.GpuInfo, margin: float = DEFAULT_MARGIN) -> int:
-    """Bytes a step may need on ``card``: its memory, less what other processes hold, less ``margin`` of it. On the
-    host (``gpu="cpu"``): ``HOST_RAM_SHARE`` of the RAM available now, whatever ``margin`` says."""
+def budget(card: gpus.GpuInfo, margin: float | None = None) -> int:
+    """Bytes a step may need on ``card``: its memory, less what other processes hold, less ``margin`` of it
+    (default ``DEFAULT_MARGIN``). On the host (``gpu="cpu"``) without a margin: ``HOST_RAM_SHARE`` of the RAM
+    available now; with one, the RAM available less that share of all of it."""
+    if margin is None:
+        if card.source == "host":
+            return int(card.free_bytes * HOST_RAM_SHARE)
+        margin = DEFAULT_MARGIN
     if not 0 <= margin < 0.5:
         raise ConfigError(f"margin is a share of the card's memory in [0, 0.5); got {margin}")
     if card.source == "host":
-        return int(card.free_bytes * HOST_RAM_SHARE)
+        return int(card.free_bytes - margin * card.total_bytes)
     base = card.free_bytes if card.source in ("nvml", "torch") else card.total_bytes - card.used_by_others_bytes
     return int(base - margin * card.total_bytes)
 
@@ -199,7 +206,7 @@ def plan(
     method: str = "auto",
     dataset=None,
     tokenizer=None,
-    margin: float = DEFAULT_MARGIN,
+    margin: float | None = None,
     precision: str | None = None,
     optimizer: str = "adamw_torch_fused",
     quantization: str | None = None,
@@ -226,7 +233,9 @@ def plan(
     ``eval_batch_size`` fixes the evaluation batch (default: the largest up to 64 that fits after the training
     step). ``reserved_by_others`` (bytes, or a size such as ``"800MiB"``) replaces what the card is assumed to hold
     for other processes (a desktop GeForce card from the catalog: ``gpu.DISPLAY_ALLOWANCE`` for its display).
-    ``probe`` (None: when the card is present) confirms the plan with trial steps on the card. Raises
+    ``margin``: the share of the card kept free beyond the estimate (default 0.05; on the CPU, by default, half the RAM
+    available is the budget). ``probe`` (None: when the card is present) confirms the plan with trial steps on the
+    card. Raises
     ``DoesNotFitError`` when nothing fits, naming what binds and every way out, in one line.
     """
     spec = models.resolve(model)
@@ -241,7 +250,7 @@ def plan(
                        "programs (a desktop GeForce card usually drives the screen); pass reserved_by_others=0 for a "
                        "headless card, or what nvidia-smi shows in use")
     allowed = budget(card, margin)
-    if card.source == "host":
+    if card.source == "host" and margin is None:
         reasons.append(f"budget {fmt_bytes(allowed)}: {HOST_RAM_SHARE:.0%} of the {fmt_bytes(card.free_bytes)} of RAM "
                        f"available now (of {fmt_bytes(card.total_bytes)}); the rest stays for the system, the data "
                        "loader and other programs")
