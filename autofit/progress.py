@@ -130,12 +130,14 @@ class Terminal:
         sys.stderr.flush()
 
     def counter(self, total: int, what: str):
-        """A tqdm bar of ``total`` units (a silent stand-in when disabled)."""
+        """A tqdm bar of ``total`` units on a terminal; None elsewhere (a log then gets one line per message, each
+        with its count, elapsed time and time left) or when disabled."""
+        if not (self.enabled and self.tty):
+            return None
         from tqdm.auto import tqdm
 
         self.done()
-        bar = tqdm(total=total, desc=what, file=sys.stderr, disable=not self.enabled, leave=False,
-                   dynamic_ncols=True, mininterval=0.5 if self.tty else 30,
+        bar = tqdm(total=total, desc=what, file=sys.stderr, leave=False, dynamic_ncols=True, mininterval=0.5,
                    bar_format="{desc} {n_fmt}/{total_fmt} [{elapsed}<{remaining}] {postfix}")
         self.bars.append(bar)
         close = bar.close
