@@ -359,5 +359,13 @@ def test_the_summary_is_the_plan_and_explains_the_peak(grid):
     assert ("none yet: last step's were freed by zero_grad and backward has not reached this step's "
             "(312.5 MiB once all exist)") in text
     assert sum(p.peak_parts().values()) == p.estimate.required_bytes
-    # a 12 GB card: the roomy-card figures would not fit it, so they are not printed
-    assert "in nvidia-smi" not in text or p.estimate.device_total <= p.gpu.total_bytes
+    # what the allocator would cache with memory to spare is shown only where this card has that memory
+    e = p.estimate
+    spare = p.gpu.total_bytes - p.gpu.used_by_others_bytes
+    roomy = planner.replace(p, estimate=planner.replace(e, peak_reserved=spare - e.cuda_context, device_total=spare))
+    assert f"up to {planner.fmt_bytes(spare - e.cuda_context)} reserved, {planner.fmt_bytes(spare)} in nvidia-smi" in \
+        str(roomy)
+    tight = planner.replace(p, estimate=planner.replace(e, peak_reserved=spare, device_total=spare + e.cuda_context))
+    assert "in nvidia-smi" not in str(tight)
+    assert ("(the allocator caches what the card has room for and releases cached blocks before it would fail)"
+            in str(tight))
