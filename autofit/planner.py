@@ -179,6 +179,7 @@ class _Asked:
     checkpointing: tuple[bool, ...]
     seq_source: str
     eval_batch_size: int | None
+    margin: float | None
 
 
 def budget(card: gpus.GpuInfo, margin: float | None = None) -> int:
@@ -279,7 +280,8 @@ def plan(
         raise ConfigError(f"quantization must be none, 4bit or 8bit; got {quantization!r}")
     checkpointing = (False, True) if gradient_checkpointing is None else (gradient_checkpointing,)
     asked = _Asked(methods=methods, method=method, quantization=quantization, knobs=knobs,
-                   checkpointing=checkpointing, seq_source=seq_source, eval_batch_size=eval_batch_size)
+                   checkpointing=checkpointing, seq_source=seq_source, eval_batch_size=eval_batch_size,
+                   margin=margin)
 
     bases = _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons)
     # stages: each checkpointing setting of the first method, then the exact settling and the largest micro-batch;
@@ -904,11 +906,9 @@ def _does_not_fit(spec, card, allowed, seq, asked: _Asked, progress=None) -> Doe
                     f"micro-batch 1)")
     if "qlora" in asked.methods and asked.quantization == "8bit":
         ways.append("quantization='4bit' (half the weights' bytes of 8-bit)")
-    # a card: the least any asked method needs, against each card's budget with the same margin
-    margin_share = max(0.0, 1 - allowed / card.total_bytes) if card.source != "host" else DEFAULT_MARGIN
+    # a card: the least any asked method needs, against each catalog card's budget with the margin asked
     target = min(least.values())
-    cards = sorted((c for c in gpus.catalog() if c.total_bytes - c.used_by_others_bytes
-                    - margin_share * c.total_bytes >= target), key=lambda c: c.total_bytes)
+    cards = sorted((c for c in gpus.catalog() if budget(c, asked.margin) >= target), key=lambda c: c.total_bytes)
     names = ", ".join(f"{c.key} ({fmt_bytes(c.total_bytes)})" for c in cards[:4]) or "none in the catalog"
     ways.append(f"cards that would do: {names}")
     if len(asked.methods) == 1:

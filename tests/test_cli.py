@@ -141,7 +141,7 @@ def test_probe_effective_batch_max_and_plot(capsys, tmp_path):
     code, out, _ = run(capsys, "probe", "distilgpt2", "--gpu", "rtx3060", "--seq-len", "256", "--effective-batch",
                        "max", "--plot", str(path), "--quiet")
     assert code == 0 and path.read_bytes()[:4] == b"\x89PNG" and f"wrote {path}" in out
-    assert "effective_batch='max' asked" in out and "accumulation         1 (effective batch" in out
+    assert "as --effective-batch max asked" in out and "accumulation         1 (effective batch" in out
     with pytest.raises(SystemExit) as exit_:
         main(["probe", "distilgpt2", "--gpu", "rtx3060", "--effective-batch", "most"])
     assert exit_.value.code == 2 and "a whole number of sequences or 'max', not 'most'" in capsys.readouterr().err
