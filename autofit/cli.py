@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import os
+import re
 import sys
 from dataclasses import asdict
 
@@ -35,28 +36,65 @@ size (12GiB), or as a detected device (cuda:0); without --gpu, the detected card
 """
 
 
-class _Progress:
-    """One line of progress on stderr, rewritten in place on a terminal."""
+def _Progress(enabled: bool):
+    from autofit.progress import Terminal
 
-    def __init__(self, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tty = sys.stderr.isatty()
-        self.width = 0
+    return Terminal(enabled)
 
-    def __call__(self, message: str) -> None:
-        if not self.enabled:
-            return
-        if self.tty:
-            sys.stderr.write("\r" + message.ljust(self.width))
-            self.width = len(message)
-        else:
-            sys.stderr.write(message + "\n")
-        sys.stderr.flush()
 
-    def done(self) -> None:
-        if self.enabled and self.tty and self.width:
-            sys.stderr.write("\r" + " " * self.width + "\r")
-            sys.stderr.flush()
+# Library errors name the Python API's parameters (gpu='rtx3060', seq_len=512, random_init=True); the command line
+# says the same with its flags. Only parameters that are flags of some command are rewritten.
+_PARAMETER = re.compile(r"\b(gpu|seq_len|effective_batch|method|quantization|precision|lora_r|lora_targets|optimizer|"
+                        r"random_init|eval_batch_size|reserved_by_others|gradient_checkpointing|margin)="
+                        r"('[^']*'|\"[^\"]*\"|[^\s,;)]+)")
+_FLAG_NAMES = {"eval_batch_size": "eval-batch"}
+
+
+def as_flags(message: str) -> str:
+    """``message`` with each ``name=value`` of a parameter written as the command line's ``--name value``."""
+    def flag(match: re.Match) -> str:
+        name, value = match.group(1), match.group(2).strip("'\"")
+        option = "--" + _FLAG_NAMES.get(name, name.replace("_", "-"))
+        if name == "gradient_checkpointing":
+            return f"{option} {'on' if value == 'True' else 'off' if value == 'False' else 'auto'}"
+        if value == "True":
+            return option
+        return f"{option} {value}"
+
+    return _PARAMETER.sub(flag, message)
+
+
+def _effective_batch(text: str) -> int | str:
+    if text == "max":
+        return "max"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a whole number of sequences or 'max', not {text!r}") from None
+    return value
+
+
+# Help for defaults that depend on the card: the same words wherever the option appears.
+EFFECTIVE_BATCH_HELP = (
+    "sequences per optimizer step, kept exactly as micro-batch x accumulation; 'max' takes the largest micro-batch "
+    "that fits, with no accumulation. Default: set by the card: the largest micro-batch that fits, up to 64, with no "
+    "accumulation; 16 by accumulation where fewer than 16 fit; 16 on the CPU")
+SEQ_LEN_HELP = ("tokens per sequence. Default: from --data (95th percentile), else 1024 or the model's positions; a "
+                "default length is halved while nothing fits the card")
+METHOD_HELP = ("auto (default): the strongest method that fits a useful micro-batch (4) on the card: full, then "
+               "LoRA, then QLoRA")
+PRECISION_HELP = ("bf16-mixed or 16-mixed (fp32 weights, 16-bit autocast), bf16-true or 16-true (16-bit weights, "
+                  "gradients and optimizer states, no autocast: a model loaded in bf16), 32-true; bf16, fp16 and fp32 "
+                  "are short for bf16-mixed, 16-mixed and 32-true. Default: set by the card: bf16-mixed where it "
+                  "supports bf16 (Ampere and newer), 16-mixed on older cards and on a card given only by its size, "
+                  "32-true on the CPU")
+CHECKPOINTING_HELP = "auto (default): on only where it lets a larger micro-batch run faster on the card"
+EVAL_BATCH_HELP = ("evaluation micro-batch. Default: set by the card: the largest, up to 64, that fits after the "
+                   "training step")
+RESERVED_HELP = ("memory other programs hold on the card, such as a display (e.g. 800MiB, 0). Default: what a "
+                 "detected card reports; 512MiB for a desktop GeForce card named from the catalog, 0 for others")
+MARGIN_HELP = ("share of the card's memory kept free (default: 0.05); on the CPU without it, the budget is half "
+               "the RAM available")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -69,11 +107,7 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
                    help="full fine-tuning, LoRA adapters on a 16-bit base, or LoRA on a 4/8-bit base (default: full)")
     g.add_argument("--quantization", choices=("none", "8bit", "4bit"), default=None,
                    help="base weights for qlora (default: 4bit for qlora, none otherwise)")
-    g.add_argument("--precision", choices=PRECISION_CHOICES, default=None, metavar="PRECISION",
-                   help="bf16-mixed or 16-mixed (fp32 weights, 16-bit autocast), bf16-true or 16-true (16-bit "
-                        "weights, gradients and optimizer states, no autocast: a model loaded in bf16), 32-true; "
-                        "bf16, fp16 and fp32 are short for bf16-mixed, 16-mixed and 32-true (default: bf16-mixed "
-                        "where the card supports bf16, else 16-mixed)")
+    g.add_argument("--precision", choices=PRECISION_CHOICES, default=None, metavar="PRECISION", help=PRECISION_HELP)
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer in backward instead of keeping its activations")
     g.add_argument("--optimizer", choices=("adamw_torch_fused", "adamw_torch", "adamw_8bit"),
@@ -128,21 +162,21 @@ def _parser() -> argparse.ArgumentParser:
             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
     p.add_argument("--gpu", default=None, help="card to plan for (rtx3060, 12GiB, cuda:0, cpu); default: detected")
-    p.add_argument("--seq-len", type=int, default=None, metavar="N",
-                   help="tokens per sequence (default: from --data, else 1024 or the model's positions)")
-    p.add_argument("--effective-batch", type=int, default=None, metavar="N",
-                   help="sequences per optimizer step, kept exactly as batch x accumulation (default: 16)")
-    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto",
-                   help="auto: the strongest method that fits a useful micro-batch (default)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N", help=SEQ_LEN_HELP)
+    p.add_argument("--effective-batch", type=_effective_batch, default=None, metavar="N|max",
+                   help=EFFECTIVE_BATCH_HELP)
+    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto", help=METHOD_HELP)
     p.add_argument("--data", metavar="FILE", help="text, JSON lines or chat data: the sequence length is measured")
     p.add_argument("--quantization", choices=("4bit", "8bit"), default=None, help="base weights for qlora")
-    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, metavar="PRECISION",
-                   help="as for estimate; default: what the card supports, mixed")
-    p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto")
+    p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, metavar="PRECISION", help=PRECISION_HELP)
+    p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto", help=CHECKPOINTING_HELP)
+    p.add_argument("--optimizer", choices=("adamw_torch_fused", "adamw_torch", "adamw_8bit"),
+                   default="adamw_torch_fused", help="the Trainer's optim setting (default: adamw_torch_fused)")
+    p.add_argument("--eval-batch", type=int, default=None, metavar="N", help=EVAL_BATCH_HELP)
+    p.add_argument("--reserved-by-others", default=None, metavar="SIZE", help=RESERVED_HELP)
     p.add_argument("--lora-r", type=int, default=16, metavar="N")
     p.add_argument("--lora-targets", type=_csv, default=None, metavar="A,B")
-    p.add_argument("--margin", type=float, default=None, metavar="F",
-                   help="share of the card's memory kept free (default: 0.05)")
+    p.add_argument("--margin", type=float, default=None, metavar="F", help=MARGIN_HELP)
     p.add_argument("--no-probe", action="store_true", help="plan from the estimate even when the card is present")
     p.add_argument("--probe-on", metavar="cuda:N", default=None,
                    help="probe on this device with its allocator capped at the planned card's budget, so a large "
@@ -150,6 +184,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--isolate", action="store_true", help="run every probe trial in a fresh process")
     p.add_argument("--no-cache", action="store_true", help="do not read or write cached simulations and calibration")
     p.add_argument("--out", metavar="FILE", help="write the plan as JSON (Plan.from_json reads it back)")
+    p.add_argument("--plot", metavar="FILE", help="also write a PNG of the plan's memory against the micro-batch, "
+                   "with its budget, its micro-batch and the largest that fits")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_probe)
 
@@ -158,7 +194,9 @@ def _parser() -> argparse.ArgumentParser:
             "model can read instead of a guide.")
     p.add_argument("--gpu", default=None, help="card (rtx4060-laptop, 12GiB, cuda:0); default: detected")
     p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto")
-    p.add_argument("--seq-len", type=int, default=None, metavar="N", help="default: 1024 or the model's positions")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N",
+                   help="tokens per sequence. Default: 1024 or the model's positions, halved while nothing fits the card")
+    p.add_argument("--reserved-by-others", default=None, metavar="SIZE", help=RESERVED_HELP)
     p.add_argument("--models", type=_csv, default=None, metavar="A,B", help="only these models")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_fit)
@@ -177,13 +215,20 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--plan", metavar="FILE", help="a plan.json from autofit probe --out (default: plan now)")
     p.add_argument("--gpu", default=None, help="card to plan for (default: the detected card, else the CPU)")
     bound = p.add_mutually_exclusive_group()
-    bound.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps")
+    bound.add_argument("--steps", type=int, default=None, metavar="N",
+                       help="optimizer steps; a run of N steps keeps no checkpoints unless --save-steps asks")
     bound.add_argument("--epochs", type=float, default=None, metavar="N", help="passes over the data (default: 1)")
     p.add_argument("--random-init", action="store_true", help="random weights from the config (no download)")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
-    p.add_argument("--seq-len", type=int, default=None, metavar="N", help="default: measured from the data")
-    p.add_argument("--effective-batch", type=int, default=None, metavar="N")
-    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto")
+    p.add_argument("--save-steps", type=int, default=None, metavar="N",
+                   help="keep a checkpoint (with optimizer state, for --resume) every N steps (default: twice per run "
+                   "bounded by --epochs, none for --steps)")
+    p.add_argument("--seq-len", type=int, default=None, metavar="N", help=SEQ_LEN_HELP)
+    p.add_argument("--effective-batch", type=_effective_batch, default=None, metavar="N|max",
+                   help=EFFECTIVE_BATCH_HELP)
+    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto", help=METHOD_HELP)
+    p.add_argument("--eval-batch", type=int, default=None, metavar="N", help=EVAL_BATCH_HELP)
+    p.add_argument("--reserved-by-others", default=None, metavar="SIZE", help=RESERVED_HELP)
     p.add_argument("--learning-rate", type=float, default=None, metavar="LR")
     p.add_argument("--no-packing", action="store_true", help="truncate each sample instead of packing plain text")
     p.add_argument("--json", action="store_true")
@@ -231,7 +276,7 @@ def main(argv: list[str] | None = None) -> int:
     except AutofitError as err:
         if args.debug:
             raise
-        print(f"autofit: error: {err}", file=sys.stderr)
+        print(f"autofit: error: {as_flags(str(err))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("autofit: interrupted", file=sys.stderr)
@@ -320,7 +365,8 @@ def _probe(args) -> int:
     result = planner.plan(
         args.model, args.gpu, seq_len=args.seq_len, effective_batch=args.effective_batch, method=args.method,
         dataset=args.data, quantization=args.quantization, precision=args.precision, lora_r=args.lora_r,
-        lora_targets=args.lora_targets,
+        lora_targets=args.lora_targets, optimizer=args.optimizer, eval_batch_size=args.eval_batch,
+        reserved_by_others=args.reserved_by_others,
         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
         probe=False if stand_in or args.no_probe or args.gpu is not None and not str(args.gpu).startswith("cuda")
         else None, progress=progress, **kwargs)
@@ -331,6 +377,11 @@ def _probe(args) -> int:
         device = probing.CudaDevice(index=index, limit_bytes=result.budget_bytes - result.estimate.cuda_context)
         result = probing.probe(result, device=device, isolate=args.isolate, use_cache=not args.no_cache,
                                progress=progress)
+    plotted = None
+    if args.plot:
+        from autofit import plot
+
+        plotted = plot.plan_figure(result, args.plot, progress=progress)
     progress.done()
     if args.out:
         from autofit.files import write_atomic
@@ -339,7 +390,9 @@ def _probe(args) -> int:
     if args.json:
         print(result.to_json())
         return 0
-    print(result.summary())
+    print(as_flags(result.summary()))
+    if plotted:
+        print(f"wrote {plotted}")
     if result.source == "estimated":
         present = bool(gpus.detect())
         print("  note: planned from the estimate for this card" + (" (pass --gpu cuda:N to probe the card present)"
@@ -354,14 +407,15 @@ def _fit(args) -> int:
     from autofit.units import fmt_bytes
 
     progress = _Progress(not args.quiet and not args.json)
-    rows = planner.fit_table(args.gpu, method=args.method, seq_len=args.seq_len, names=args.models, progress=progress)
+    rows = planner.fit_table(args.gpu, method=args.method, seq_len=args.seq_len, names=args.models, progress=progress,
+                             reserved_by_others=args.reserved_by_others)
     progress.done()
     if args.json:
         _print_json(rows)
         return 0
     from autofit import gpu as gpus
 
-    card = gpus.resolve(args.gpu)
+    card = gpus.resolve(args.gpu) if args.gpu is not None or gpus.detect() else gpus.host_memory()
     print(f"fine-tuning on {card.name} ({fmt_bytes(card.total_bytes)}):")
     print(f"  {'model':<40} {'method':<13} {'batch x accum':>13} {'seq':>5} {'ckpt':>4} {'needs':>10} {'tokens/s':>9}")
     for r in rows:
@@ -371,7 +425,8 @@ def _fit(args) -> int:
                   f"{r['seq_len']:>5} {'on' if r['checkpointing'] else 'off':>4} {fmt_bytes(r['required_bytes']):>10} "
                   f"{r['tokens_per_second']:>9,}")
         else:
-            print(f"  {r['model']:<40} does not fit: {r['reason'].split(': ', 1)[-1]}")
+            way = f"; {as_flags(r['ways_out'][0])}" if r.get("ways_out") else ""
+            print(f"  {r['model']:<40} does not fit: {as_flags(r.get('binding') or r['reason'])}{way}")
     return 0
 
 
@@ -379,12 +434,14 @@ def _train(args) -> int:
     from autofit import training
 
     options = {k: v for k, v in dict(seq_len=args.seq_len, effective_batch=args.effective_batch,
-                                      method=args.method).items() if v is not None}
+                                      method=args.method, eval_batch_size=args.eval_batch,
+                                      reserved_by_others=args.reserved_by_others).items() if v is not None}
     if args.plan:
         options = {}
     result = training.train(args.model, args.data, output_dir=args.out, plan=args.plan, gpu=args.gpu,
                             steps=args.steps, epochs=args.epochs, random_init=args.random_init, resume=args.resume,
                             learning_rate=args.learning_rate, packing=False if args.no_packing else None,
+                            save_steps=args.save_steps,
                             progress=not args.quiet and not args.json, **options)
     if args.json:
         from dataclasses import asdict
@@ -394,7 +451,7 @@ def _train(args) -> int:
         out["plan"] = result.plan.to_dict()
         _print_json(out)
     else:
-        print(result.plan.summary())
+        print(as_flags(result.plan.summary()))
         print(result.report())
     return 0
 
@@ -403,7 +460,7 @@ def _cache(args) -> int:
     import shutil
 
     from autofit import calibration
-
+    from autofit import gpu as gpus
     from autofit.sim import simulate
 
     root = calibration.cache_root()
@@ -416,6 +473,7 @@ def _cache(args) -> int:
         n = store.clear()
         if sims and sims.parent.exists():
             shutil.rmtree(sims.parent)
+        (root / gpus.HOST_SPEED_FILE).unlink(missing_ok=True)  # the CPU is measured again on its next plan
         print(f"cleared {n} calibration(s), the probe studies and {len(sim_files)} cached simulation(s) in {root}")
         return 0
     entries = store.entries()
@@ -502,3 +560,7 @@ def _models(args) -> int:
         print(f"  {r['name']:<42} {r['params'] / 1e9:>7.2f}B  {r['num_layers']:>3} layers  "
               f"{r['max_positions'] or '?':>6} positions  {r['model_type']}")
     return 0
+
+
+if __name__ == "__main__":
+    entry()

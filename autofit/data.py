@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from autofit.errors import ConfigError, DataError, ModelError
+from autofit.progress import counted, stage
 from autofit.sim.arch import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,7 @@ def _has_template(tokenizer) -> bool:
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
 
-def _encode(samples: Sequence[Sample], tokenizer) -> list[list[int]]:
+def _encode(samples: Sequence[Sample], tokenizer, progress=None) -> list[list[int]]:
     """Token ids of each rendered sample, with special tokens as the tokenizer adds them.
 
     Chats rendered by a chat template are the exception: templates write their own special tokens (a Llama 3
@@ -247,24 +248,30 @@ def _encode(samples: Sequence[Sample], tokenizer) -> list[list[int]]:
     chats = [i for i, s in enumerate(samples) if templated and not isinstance(s, str)]
     plain = sorted(set(range(len(samples))).difference(chats))
     ids: list[list[int] | None] = [None] * len(samples)
+    chunks = -(-len(plain) // _BATCH) + -(-len(chats) // _BATCH)
+    # a count with the time left only where tokenizing takes a while (several chunks of samples)
+    work = counted(progress, chunks, f"tokenizing {len(samples):,} samples") if chunks > 2 else None
     for indices, add_special in ((plain, True), (chats, False)):
         for start in range(0, len(indices), _BATCH):
+            stage(work, f"samples {start + 1:,} to {min(start + _BATCH, len(indices)):,}")
             chunk = indices[start:start + _BATCH]
             texts = [render(samples[i], tokenizer) for i in chunk]
             # verbose=False: no "longer than the model's maximum" warning; measuring long samples is the point
             encoded = tokenizer(texts, add_special_tokens=add_special, return_attention_mask=False, verbose=False)
             for i, row in zip(chunk, encoded["input_ids"]):
                 ids[i] = row
+    if work is not None:
+        work.close()
     return ids
 
 
-def token_lengths(samples: Sequence[Sample], tokenizer) -> np.ndarray:
+def token_lengths(samples: Sequence[Sample], tokenizer, progress=None) -> np.ndarray:
     """Tokens in each rendered sample (int64, one per sample), special tokens included as the tokenizer adds them.
 
     Chats rendered by a chat template are tokenized without adding special tokens, since the template already
     wrote them. ``tokenize`` appends an EOS where the tokenizer adds none, so a training item can be one longer.
     """
-    return np.array([len(row) for row in _encode(samples, tokenizer)], dtype=np.int64)
+    return np.array([len(row) for row in _encode(samples, tokenizer, progress)], dtype=np.int64)
 
 
 # -- choosing a sequence length ----------------------------------------------------------------------------------------
@@ -442,7 +449,7 @@ class TokenizedDataset(torch.utils.data.Dataset):
                 f"tokens={int(self.lengths.sum())}, truncated={self.truncated})")
 
 
-def tokenize(samples: Sequence[Sample], tokenizer, *, seq_len: int, packing: bool) -> TokenizedDataset:
+def tokenize(samples: Sequence[Sample], tokenizer, *, seq_len: int, packing: bool, progress=None) -> TokenizedDataset:
     """Training items of at most ``seq_len`` tokens from ``samples``.
 
     Each sample is tokenized as ``token_lengths`` measures it, then ends with the EOS (appended unless the tokenizer
@@ -457,7 +464,7 @@ def tokenize(samples: Sequence[Sample], tokenizer, *, seq_len: int, packing: boo
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise DataError("the tokenizer has no EOS token to end samples with; set tokenizer.eos_token")
-    rows = [row if row and row[-1] == eos else row + [eos] for row in _encode(samples, tokenizer)]
+    rows = [row if row and row[-1] == eos else row + [eos] for row in _encode(samples, tokenizer, progress)]
     if packing:
         sequences, truncated = _pack(rows, seq_len)
     else:

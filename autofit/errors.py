@@ -21,7 +21,16 @@ class ConfigError(AutofitError):
 
 
 class DoesNotFitError(AutofitError):
-    """Nothing fits: even the smallest configuration needs more memory than the budget."""
+    """Nothing fits: even the smallest configuration needs more memory than the budget.
+
+    ``binding`` says what binds (for each method asked) and ``ways_out`` lists what would fit, both also in the
+    message; either may be empty where the message alone says it.
+    """
+
+    def __init__(self, message: str, *, binding: str = "", ways_out: tuple[str, ...] = ()) -> None:
+        super().__init__(message)
+        self.binding = binding
+        self.ways_out = tuple(ways_out)
 
 
 class SimulationError(AutofitError):

@@ -8,7 +8,6 @@ and checks it once. Every quirk of NVML lives in this module. Bytes are ints; Gi
 
 from __future__ import annotations
 
-import difflib
 import functools
 import json
 import logging
@@ -16,7 +15,7 @@ import math
 import os
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from autofit.errors import GpuError
@@ -78,13 +77,14 @@ class GpuInfo:
 
     @property
     def family(self) -> str:
-        """Architecture family from the compute capability: volta, turing, ampere, ada, hopper, blackwell, unknown."""
+        """Architecture family from the compute capability: pascal, volta, turing, ampere, ada, hopper, blackwell,
+        unknown."""
         cc = self.compute_capability
         if cc is None:
             return "unknown"
         if cc[0] in (10, 12):  # data-centre Blackwell is sm_100/103, GeForce and RTX PRO Blackwell sm_120/121
             return "blackwell"
-        return {(7, 0): "volta", (7, 5): "turing", (8, 0): "ampere", (8, 6): "ampere", (8, 7): "ampere",
+        return {(6, 0): "pascal", (6, 1): "pascal", (7, 0): "volta", (7, 5): "turing", (8, 0): "ampere", (8, 6): "ampere", (8, 7): "ampere",
                 (8, 9): "ada", (9, 0): "hopper"}.get(cc, "unknown")
 
 
@@ -129,6 +129,26 @@ def _geforce_tflops(sms: int, boost_mhz: int) -> float:
     return round(sms * 512 * boost_mhz * 1e6 / 1e12, 1)
 
 
+# Cards without tensor cores (Pascal, the GTX 16 series) run PyTorch's fp16 matmuls with FP32 compute (cuBLAS's
+# default compute type for half inputs), so their rate is the FP32 one: CUDA cores x 2 FLOP per FMA x boost clock.
+# Measured: a GTX 1080 Ti reaches 10.5 TFLOPS in an fp32 Linear and 10.3 in an fp16 one
+# (gist.github.com/ypwhs/a156353cb19e780e323be054821af015); a Tesla P40 10.07 and 10.02, a P4 4.96 and 4.80
+# (github.com/zzc0721/torch-performance-test-data, database.md). In gpus.json such a card gives
+# {"cuda_core_rule": {"cores": ..., "boost_mhz": ...}}.
+def _cuda_core_tflops(cores: int, boost_mhz: int) -> float:
+    return round(cores * 2 * boost_mhz * 1e6 / 1e12, 2)
+
+
+# A desktop GeForce card usually drives the screen: the display server, the compositor and a browser with hardware
+# acceleration hold memory on it before training starts. How much varies widely: public nvidia-smi listings show
+# under 100 MiB for a bare desktop (Xorg 28 MiB and gnome-shell 46 MiB, NVIDIA/nvidia-docker#1264) and 4.3 GiB on a
+# desktop RTX 4060 running the COSMIC desktop (pop-os/cosmic-epoch#1591). An assumption, then: a catalog card of a
+# desktop GeForce section is planned with DISPLAY_ALLOWANCE held by others; laptop cards (Optimus: the integrated GPU
+# drives the screen) and data-centre cards get none. ``with_reserved_by_others`` overrides it (0 for a headless card);
+# a detected card reports what others really hold.
+DISPLAY_ALLOWANCE = 512 * MiB
+
+
 @dataclass(frozen=True, kw_only=True, slots=True)
 class CatalogCard:
     """A card in the built-in catalog. ``nominal_bytes`` is the size on the box, in binary units (12 GB = 12 GiB).
@@ -140,6 +160,7 @@ class CatalogCard:
     key: str
     name: str
     aliases: tuple[str, ...] = ()
+    section: str = "datacentre-workstation"
     nominal_bytes: int
     reported_bytes: int | None = None
     ecc: bool = False
@@ -152,12 +173,36 @@ class CatalogCard:
         """Driver-reported total in bytes: the measured figure where known, else the rule."""
         return self.reported_bytes if self.reported_bytes is not None else _reported_total(self.nominal_bytes, self.ecc)
 
+    @property
+    def drives_display(self) -> bool:
+        """A desktop GeForce card, assumed to drive the screen (see ``DISPLAY_ALLOWANCE``)."""
+        return self.section in _DESKTOP_SECTIONS and "Laptop" not in self.name
+
     def info(self) -> GpuInfo:
-        """This card as a ``GpuInfo`` with all its memory free (nothing else is known to be running on it)."""
+        """This card as a ``GpuInfo``: all its memory free but ``DISPLAY_ALLOWANCE`` on a desktop GeForce card."""
         total = self.total_bytes
-        return GpuInfo(name=self.name, key=self.key, total_bytes=total, free_bytes=total, used_by_others_bytes=0,
-                       compute_capability=self.compute_capability, bf16=self.compute_capability >= (8, 0),
-                       peak_tflops_16=self.peak_tflops_16, bandwidth_gbs=self.bandwidth_gbs, source="catalog")
+        others = DISPLAY_ALLOWANCE if self.drives_display else 0
+        return GpuInfo(name=self.name, key=self.key, total_bytes=total, free_bytes=total - others,
+                       used_by_others_bytes=others, compute_capability=self.compute_capability,
+                       bf16=self.compute_capability >= (8, 0), peak_tflops_16=self.peak_tflops_16,
+                       bandwidth_gbs=self.bandwidth_gbs, source="catalog")
+
+
+def with_reserved_by_others(card: GpuInfo, reserved: int) -> GpuInfo:
+    """``card`` with ``reserved`` bytes held by other processes (a display, another job) instead of what it says.
+
+    Raises ``GpuError`` for a negative count or one the card does not have.
+    """
+    if not _is_int(reserved) or reserved < 0:
+        raise GpuError(f"reserved_by_others must be a byte count >= 0; got {reserved!r}")
+    if reserved >= card.total_bytes:
+        raise GpuError(f"reserved_by_others ({fmt_bytes(reserved)}) leaves nothing of {card.name}'s "
+                       f"{fmt_bytes(card.total_bytes)}")
+    return replace(card, used_by_others_bytes=reserved, free_bytes=card.total_bytes - reserved)
+
+
+_DESKTOP_SECTIONS = ("pascal-geforce", "turing-gtx16", "turing-geforce", "ampere-geforce", "ada-geforce",
+                     "blackwell-geforce")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -269,15 +314,18 @@ def _parse_card(entry: object, position: int, sections: dict[str, str]) -> Catal
     want(reported is None or (_is_int(reported) and reported > 0), "reported_bytes",
          "a positive number of bytes or null")
     peak = entry["peak_tflops_16"]
+    expected = ('a positive number, null, {"geforce_rule": {"sms": N, "boost_mhz": N}} or '
+                '{"cuda_core_rule": {"cores": N, "boost_mhz": N}}')
     if isinstance(peak, dict):
-        rule = peak.get("geforce_rule")
-        want(set(peak) == {"geforce_rule"} and isinstance(rule, dict) and set(rule) == {"sms", "boost_mhz"}
-             and all(_is_int(v) and v > 0 for v in rule.values()), "peak_tflops_16",
-             'a positive number, null or {"geforce_rule": {"sms": N, "boost_mhz": N}}')
-        peak = _geforce_tflops(rule["sms"], rule["boost_mhz"])
+        rules = {"geforce_rule": ({"sms", "boost_mhz"}, _geforce_tflops),
+                 "cuda_core_rule": ({"cores", "boost_mhz"}, _cuda_core_tflops)}
+        name = next(iter(peak), None)
+        rule = peak.get(name)
+        want(len(peak) == 1 and name in rules and isinstance(rule, dict) and set(rule) == rules[name][0]
+             and all(_is_int(v) and v > 0 for v in rule.values()), "peak_tflops_16", expected)
+        peak = rules[name][1](**rule)
     else:
-        want(peak is None or _is_positive(peak), "peak_tflops_16",
-             'a positive number, null or {"geforce_rule": {"sms": N, "boost_mhz": N}}')
+        want(peak is None or _is_positive(peak), "peak_tflops_16", expected)
     bandwidth = entry["bandwidth_gbs"]
     want(bandwidth is None or _is_positive(bandwidth), "bandwidth_gbs", "a positive number or null")
     for figure in _FIGURES:
@@ -289,7 +337,8 @@ def _parse_card(entry: object, position: int, sections: dict[str, str]) -> Catal
             raise GpuError(f"{where}: {figure} has no {figure}_source (a non-empty string), got {source!r}")
     if "note" in entry:
         want(_is_text(entry["note"]), "note", "a non-empty string")
-    return CatalogCard(key=key, name=entry["name"], aliases=tuple(aliases), nominal_bytes=entry["nominal_gib"] * GiB,
+    return CatalogCard(key=key, name=entry["name"], aliases=tuple(aliases), section=entry["section"],
+                       nominal_bytes=entry["nominal_gib"] * GiB,
                        reported_bytes=reported, ecc=entry["ecc"], compute_capability=(cc[0], cc[1]),
                        peak_tflops_16=None if peak is None else float(peak),
                        bandwidth_gbs=None if bandwidth is None else float(bandwidth))
@@ -326,7 +375,7 @@ def _derived_names(card: CatalogCard) -> list[str]:
     size = f"{card.nominal_bytes // GiB}gb"
     names = []
     for base in (_norm(card.name), _norm(card.key)):
-        short = base[3:] if base.startswith("rtx") and base[3:4].isdigit() else None
+        short = base[3:] if base.startswith(("rtx", "gtx")) and base[3:4].isdigit() else None
         for stem in (base, short):
             if stem:
                 names += [stem, stem + size]
@@ -368,24 +417,38 @@ def _match_card(name: str, total_bytes: int) -> CatalogCard | None:
 _MODEL_NUMBER = re.compile(r"\d+")
 
 
+def _edits(a: str, b: str) -> int:
+    """Edits (insert, delete, substitute, swap two neighbours) that turn ``a`` into ``b``: the optimal string
+    alignment distance, so a typed ``3600`` is one edit from ``3060`` and two from ``3090``."""
+    rows = [list(range(len(b) + 1))]
+    for i, ca in enumerate(a, 1):
+        row = [i]
+        for j, cb in enumerate(b, 1):
+            row.append(min(rows[-1][j] + 1, row[j - 1] + 1, rows[-1][j - 1] + (ca != cb)))
+            if i > 1 and j > 1 and ca == b[j - 2] and a[i - 2] == cb:
+                row[j] = min(row[j], rows[-2][j - 2] + 1)
+        rows.append(row)
+    return rows[-1][-1]
+
+
 def _closest_keys(text: str, n: int = 3) -> list[str]:
     """Up to ``n`` catalog keys that look most like ``text``, best first.
 
-    Ranked by difflib's ratio against every name of a card, then by shared prefix, then by how far model numbers
-    of the same length are apart (``rtx3070x`` suggests the 3060 before the 3050), then by catalog order.
+    Ranked by the fewest edits to any name of a card (``_edits``, digits included: ``rtx3600`` is a swapped
+    ``rtx3060``), then by how far model numbers of the same length are apart (``rtx3070x`` suggests the 3060 before
+    the 2070), then by catalog order. Names more than a third of the text's length away are not suggested.
     """
     norm = _norm(text)
     number = _MODEL_NUMBER.search(norm)
-    best: dict[str, tuple[float, int, float]] = {}
+    best: dict[str, tuple[int, float]] = {}
     for alias, card in _INDEX.items():
-        ratio = difflib.SequenceMatcher(None, norm, alias).ratio()
-        prefix = len(os.path.commonprefix([norm, alias]))
         other = _MODEL_NUMBER.search(alias)
         comparable = number and other and len(number.group()) == len(other.group())
         distance = abs(int(number.group()) - int(other.group())) if comparable else float("inf")
-        best[card.key] = max(best.get(card.key, (0.0, 0, -float("inf"))), (ratio, prefix, -distance))
-    ranked = sorted((key for key, (ratio, _, _) in best.items() if ratio >= 0.6),
-                    key=lambda key: (-best[key][0], -best[key][1], -best[key][2], _POSITION[key]))
+        best[card.key] = min(best.get(card.key, (10**9, float("inf"))), (_edits(norm, alias), distance))
+    limit = max(2, len(norm) // 3)
+    ranked = sorted((key for key, (edits, _) in best.items() if edits <= limit),
+                    key=lambda key: (*best[key], _POSITION[key]))
     return ranked[:n]
 
 
@@ -394,7 +457,7 @@ def _closest_keys(text: str, n: int = 3) -> list[str]:
 
 _CUDA_DEVICE = re.compile(r"cuda(?::(.*))?", re.IGNORECASE)
 _SIZE_SPEC = re.compile(r"-?\d+(?:\.\d+)?\s*(?:[kmgt]i?b?|b)", re.IGNORECASE)  # a unit is required, see resolve()
-_NO_GPU = "no CUDA GPU detected; name the card you plan for, e.g. --gpu rtx3060 or --gpu 12GiB"
+_NO_GPU = "no CUDA GPU detected; name the card you plan for, e.g. gpu='rtx3060' or gpu='12GiB'"
 
 
 def resolve(spec: str | int | GpuInfo | None) -> GpuInfo:
@@ -420,7 +483,7 @@ def resolve(spec: str | int | GpuInfo | None) -> GpuInfo:
         return _detected(spec)
     text = spec.strip()
     if not text:
-        raise GpuError("empty GPU spec; name the card you plan for, e.g. --gpu rtx3060 or --gpu 12GiB")
+        raise GpuError("empty GPU spec; name the card you plan for, e.g. gpu='rtx3060' or gpu='12GiB'")
     if text.lower() == "cpu":
         return host_memory()
     device = _CUDA_DEVICE.fullmatch(text)
@@ -462,11 +525,109 @@ def host_memory() -> GpuInfo:
                    peak_tflops_16=None, bandwidth_gbs=None, source="host")
 
 
+@dataclass(frozen=True, kw_only=True, slots=True)
+class HostSpeed:
+    """What this machine's CPU sustains as torch uses it: an fp32 matmul rate (TFLOPS) and a copy rate (GB/s, bytes
+    read plus written), measured by ``host_speed``."""
+
+    matmul_tflops: float
+    bandwidth_gbs: float
+    threads: int
+    source: str  # "measured" now, or "cached" from an earlier measurement on this machine
+
+
+# The calibration: a 1024 x 1024 x 1024 fp32 matmul (2.1 GFLOP, the shape of a small model's layers at a few hundred
+# tokens) and a 64 MiB copy, each timed after a warm-up, the median of five; about half a second on two cores.
+_HOST_MATMUL_N = 1024
+_HOST_COPY_BYTES = 64 * MiB
+_HOST_REPEATS = 5
+HOST_SPEED_FILE = "host_speed.json"
+
+
+@functools.cache
+def host_speed() -> HostSpeed:
+    """This CPU's sustained fp32 matmul and memory rates, measured once per machine and torch setup.
+
+    The result is kept in autofit's cache folder (``host_speed.json``, keyed by CPU model, torch version and thread
+    count), so only the first plan on a machine pays for it; with the cache off it is measured once per process.
+    Never raises: an unusable cache file is measured over.
+    """
+    import torch
+
+    from autofit import calibration
+    from autofit.files import write_atomic
+
+    key = f"{_cpu_model()}|torch {torch.__version__}|{torch.get_num_threads()} threads"
+    root = calibration.cache_root()
+    path = root / HOST_SPEED_FILE if root is not None else None
+    if path is not None:
+        try:
+            cached = json.loads(path.read_text()).get(key)
+            if cached:
+                return HostSpeed(matmul_tflops=float(cached["matmul_tflops"]),
+                                 bandwidth_gbs=float(cached["bandwidth_gbs"]), threads=torch.get_num_threads(),
+                                 source="cached")
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass
+    speed = measure_host_speed()
+    matmul, bandwidth = speed.matmul_tflops, speed.bandwidth_gbs
+    if path is not None:
+        try:
+            table = json.loads(path.read_text()) if path.exists() else {}
+            table = table if isinstance(table, dict) else {}
+        except (OSError, ValueError):
+            table = {}
+        table[key] = {"matmul_tflops": matmul, "bandwidth_gbs": bandwidth}
+        try:
+            write_atomic(path, json.dumps(table, indent=1))
+        except OSError as exc:
+            log.debug("could not keep the host calibration in %s (%s)", path, exc)
+    return speed
+
+
+def measure_host_speed() -> HostSpeed:
+    """This CPU's fp32 matmul and copy rates measured now (``host_speed`` measures once and keeps the result)."""
+    import time
+
+    import torch
+
+    def median_seconds(fn) -> float:
+        fn()  # warm-up: thread pool, allocation, caches
+        times = []
+        for _ in range(_HOST_REPEATS):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return sorted(times)[len(times) // 2]
+
+    n = _HOST_MATMUL_N
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    matmul = 2 * n**3 / median_seconds(lambda: torch.mm(a, b)) / 1e12
+    src = torch.empty(_HOST_COPY_BYTES // 4)
+    dst = torch.empty_like(src)
+    bandwidth = 2 * _HOST_COPY_BYTES / median_seconds(lambda: dst.copy_(src)) / 1e9
+    return HostSpeed(matmul_tflops=matmul, bandwidth_gbs=bandwidth, threads=torch.get_num_threads(),
+                     source="measured")
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
 def _sized(text: str) -> GpuInfo:
     """A generic card with ``text`` of memory (``12GiB``): no catalog figures.
 
-    bf16 is assumed: most cards people fine-tune on today are Ampere or newer, and a wrong guess costs little
-    because the probe and the trainer check ``torch.cuda.is_bf16_supported()`` on the real card.
+    No bf16 is assumed: a card known only by its size may be a Turing or Pascal card, where a bf16 plan fails at
+    once, while an fp16 plan runs everywhere (with a gradient scaler). Pass ``precision="bf16-mixed"`` to plan bf16 on it.
     """
     if text.startswith("-"):
         raise GpuError(f"GPU memory size {text!r} is negative; give a positive size like 12GiB")
@@ -474,7 +635,7 @@ def _sized(text: str) -> GpuInfo:
     if total <= 0:
         raise GpuError(f"GPU memory size {text!r} is zero; give a positive size like 12GiB")
     return GpuInfo(name=f"{fmt_bytes(total)} card", key=None, total_bytes=total, free_bytes=total,
-                   used_by_others_bytes=0, compute_capability=None, bf16=True, peak_tflops_16=None,
+                   used_by_others_bytes=0, compute_capability=None, bf16=False, peak_tflops_16=None,
                    bandwidth_gbs=None, source="size")
 
 
@@ -491,7 +652,7 @@ def _detected(index: int | None) -> GpuInfo:
             return device
     if not devices:
         raise GpuError(f"no CUDA device {index}: found 0 devices; name the card you plan for, "
-                       f"e.g. --gpu rtx3060 or --gpu 12GiB")
+                       f"e.g. gpu='rtx3060' or gpu='12GiB'")
     found = ", ".join(f"cuda:{d.index} {d.name}" for d in devices)
     raise GpuError(f"no CUDA device {index}: found {len(devices)} device(s) ({found}); pick one of those")
 

@@ -69,8 +69,7 @@ class Guard:
                 torch.cuda.empty_cache()
             if before <= 1:
                 raise DoesNotFitError("out of memory at a micro-batch of 1 sequence; nothing smaller to try: plan a "
-                                      "lighter configuration (autofit probe MODEL --method qlora, or a shorter "
-                                      "--seq-len)")
+                                      "lighter configuration (method='qlora', or a shorter seq_len=N)")
             self.pieces *= 2
             after = _batch_size(self.window[-1][0]) // self.pieces
             step = self.trainer.state.global_step

@@ -18,13 +18,14 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from autofit import calibration, data, memory, probing, runs
+from autofit.progress import counted, stage
 from autofit import gpu as gpus
 from autofit import model as models
 from autofit.errors import ConfigError, DoesNotFitError, SimulationError
 from autofit.memory import MemoryEstimate
 from autofit.plans import Plan
 from autofit.sim.simulate import StepConfig
-from autofit.units import fmt_bytes
+from autofit.units import fmt_bytes, parse_size
 
 log = logging.getLogger(__name__)
 
@@ -33,22 +34,61 @@ MAX_DEFAULT_BATCH = 64  # when none is asked and memory allows, the micro-batch 
 DEFAULT_SEQ_LEN = 1024
 MIN_SEQ_LEN = 64
 DEFAULT_MARGIN = 0.05  # share of the card kept free beyond the estimate
+HOST_RAM_SHARE = 0.5  # a CPU run may take half the RAM available when it is planned (an assumption: the rest stays
+# for the system, the data loader, the tokenizer and other programs, and for the allocator's fragmentation)
+LARGEST_BATCH_CAP = 4096  # largest_batch searches no further (a plan's micro-batch is then "at least" this)
+GRADIENT_BYTES = 4  # bytes per trainable parameter's gradient: fp32, as the master weights and peft's adapters are
 USEFUL_BATCH = 4  # "auto" takes the strongest method that fits at least this many sequences per micro-batch
 CLOSE = 0.85  # alternatives within 15% of the chosen one's estimated speed are left for a probe to rank
 
 # -- the cost model -----------------------------------------------------------------------------------------------------
-# Model assumptions, not measurements (a probe on the card measures instead): dense matmuls reach MATMUL_EFFICIENCY of
-# the card's peak when a micro-batch carries many tokens, half of that at HALF_EFFICIENCY_TOKENS tokens; the memory
-# bus runs at BUS_EFFICIENCY of its peak. A card known only by its size gets GENERIC_TFLOPS and GENERIC_BANDWIDTH
-# (an RTX 3060's: 25.6 TFLOPS, 360 GB/s, see autofit/gpu.py), which ranks candidates the same way.
-MATMUL_EFFICIENCY = 0.6
+# A card's peak figure is not what it sustains. SUSTAINED_MATMUL is the share of ``peak_tflops_16`` that a large
+# 16-bit matmul measurably reaches, per kind of card (torch.matmul / mamf-finder results, best shape):
+#   GeForce (Turing to Blackwell, desktop and laptop): 0.97-1.11, so 1.0. Boost clocks run above the rated ones:
+#     RTX 3090 75.6-76.7 vs 71.0, RTX 4090 158.9-173.3 vs 165.2, RTX 3080 Ti 75.6 vs 68.2, RTX 4070 SUPER 74.7-76.8 vs
+#     71.0, RTX 4060 Laptop 30.8 vs 29.1, RTX 3060 Laptop 25.7 vs 24.1, RTX 2080 39.0 vs 40.3 (bf16 or fp16 TFLOPS,
+#     github.com/zzc0721/torch-performance-test-data database.md; RTX 2080 Ti 53.4 vs 53.8, gist ypwhs/a156353c).
+#   Pascal and GTX 16 (no tensor cores; the figure is the FP32 rate): 0.9, a GTX 1080 Ti's 10.3 of 11.3 (gist ypwhs)
+#     and a Tesla P40's 10.0 of 11.8 (zzc0721).
+#   T4: 0.37. A 70 W card that caps its clock under sustained matmuls: about 24 of 65 TFLOPS over 100 fp16 4096^3
+#     GEMMs (forums.developer.nvidia.com/t/about-gpu-peak-performance/264462; 42 in short bursts, zzc0721).
+#   Volta: 0.68, a V100S's 88.9 of 130 (zzc0721).
+#   Other data-centre and workstation cards: 0.8. A100 SXM 271.2 of 312, H100 SXM 794.5 of 989 (H200 the same),
+#     A100 PCIe 252.9 of 312 (stas00/ml-engineering, compute/accelerator MAMF table); L40S 269 of 362, RTX A6000 123 of
+#     154.8 (zzc0721). The L4 (a 72 W card like the T4) has no published measurement; it gets this share too.
+SUSTAINED_MATMUL = {"geforce": 1.0, "no-tensor-cores": 0.9, "t4": 0.37, "volta": 0.68, "datacentre": 0.8}
+# Model assumptions, not measurements (a probe on the card measures instead): a training step's matmuls reach
+# MATMUL_EFFICIENCY of the sustained rate when a micro-batch carries many tokens, half of that at
+# HALF_EFFICIENCY_TOKENS tokens; the memory bus runs at BUS_EFFICIENCY of its peak. A card known only by its size
+# gets GENERIC_TFLOPS and GENERIC_BANDWIDTH (an RTX 3060's: 25.6 TFLOPS, 360 GB/s), which ranks candidates the same way.
+MATMUL_EFFICIENCY = 0.7
 HALF_EFFICIENCY_TOKENS = 1024
 BUS_EFFICIENCY = 0.8
 GENERIC_TFLOPS, GENERIC_BANDWIDTH = 25.6, 360.0
-HOST_TFLOPS, HOST_BANDWIDTH = 0.5, 20.0  # a few CPU cores training in fp32
+# On the CPU the rates are this machine's, measured on first use (``gpu.host_speed``: an fp32 matmul and a copy).
+# HOST_STEP_EFFICIENCY is the share of that matmul rate a whole fp32 training step reaches. 0.8 is an assumption that
+# benchmarks/cpu_throughput.py brackets: on a shared 2-core machine, with the CPU's rates measured just before each
+# run, train measured 0.74-1.47x the estimate (median 1.25x) for distilgpt2, SmolLM2-135M and gpt2 at 128-256
+# tokens; the spread is other jobs' load (benchmarks/results/cpu-2026-11-23). CPU matmuls reach their rate at small
+# shapes, so half of it at HOST_HALF_EFFICIENCY_TOKENS (an assumption).
+HOST_STEP_EFFICIENCY = 0.8
+HOST_HALF_EFFICIENCY_TOKENS = 64
 LAUNCH_SECONDS_PER_LAYER = 20e-6  # kernel launches and Python per layer per pass
 NF4_DEQUANT_BYTES = 0.5 + 2 + 2  # read packed 4-bit, write the bf16 weight, read it back in the matmul
 ADAMW_BYTES = 28  # fused AdamW per fp32 parameter: read param, grad, two moments; write param and moments
+
+
+def sustained_share(card: gpus.GpuInfo) -> float:
+    """The share of ``card.peak_tflops_16`` its matmuls sustain (``SUSTAINED_MATMUL``, by kind of card)."""
+    if card.key == "t4":
+        return SUSTAINED_MATMUL["t4"]
+    if card.family == "pascal" or (card.family == "turing" and "GTX" in card.name):
+        return SUSTAINED_MATMUL["no-tensor-cores"]
+    if "GeForce" in card.name:
+        return SUSTAINED_MATMUL["geforce"]
+    if card.family == "volta":
+        return SUSTAINED_MATMUL["volta"]
+    return SUSTAINED_MATMUL["datacentre"]
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -65,10 +105,13 @@ class Throughput:
 def throughput(spec: models.ModelSpec, cfg: StepConfig, card: gpus.GpuInfo, *, batch_size: int, seq_len: int,
                grad_accum: int, trainable: int) -> Throughput:
     """Time of one optimizer step (``grad_accum`` micro-batches of ``batch_size`` x ``seq_len``) on ``card``."""
-    if card.source == "host":
-        tflops, bandwidth = HOST_TFLOPS, HOST_BANDWIDTH
+    host = card.source == "host"
+    if host:
+        speed = gpus.host_speed()
+        tflops, bandwidth, weight_width = speed.matmul_tflops * HOST_STEP_EFFICIENCY, speed.bandwidth_gbs, 4
     else:
-        tflops, bandwidth = card.peak_tflops_16 or GENERIC_TFLOPS, card.bandwidth_gbs or GENERIC_BANDWIDTH
+        tflops = (card.peak_tflops_16 or GENERIC_TFLOPS) * sustained_share(card) * MATMUL_EFFICIENCY
+        bandwidth, weight_width = card.bandwidth_gbs or GENERIC_BANDWIDTH, 2
     tokens = batch_size * seq_len
     layer_weights = spec.num_layers * spec.layer_params
     head = spec.hidden_size * spec.vocab_size
@@ -78,9 +121,10 @@ def throughput(spec: models.ModelSpec, cfg: StepConfig, card: gpus.GpuInfo, *, b
     passes = 3.0 if cfg.method == "full" else 2.0  # backward: activation and weight gradients, or activations only
     if cfg.gradient_checkpointing:
         passes += (2 * layer_weights + attention) / forward  # the layers' forward again, not the head
-    efficiency = MATMUL_EFFICIENCY * tokens / (tokens + HALF_EFFICIENCY_TOKENS)
+    half = HOST_HALF_EFFICIENCY_TOKENS if host else HALF_EFFICIENCY_TOKENS
+    efficiency = tokens / (tokens + half)
     compute = forward * passes * tokens / (tflops * 1e12 * efficiency)
-    weight_bytes = 2 * (layer_weights + head)  # 16-bit weights read per pass
+    weight_bytes = weight_width * (layer_weights + head)  # weights read per pass (16-bit on a card, fp32 on a CPU)
     weight_passes = passes
     dequant = 0.0
     if cfg.quantization == "4bit":
@@ -89,13 +133,13 @@ def throughput(spec: models.ModelSpec, cfg: StepConfig, card: gpus.GpuInfo, *, b
         dequant = quantized * NF4_DEQUANT_BYTES * (3 if cfg.gradient_checkpointing else 2)
     elif cfg.quantization == "8bit":
         dequant = layer_weights * (1 + 2 + 2) * (3 if cfg.gradient_checkpointing else 2)
-    bus = bandwidth * 1e9 * BUS_EFFICIENCY
+    bus = bandwidth * 1e9 * (1.0 if host else BUS_EFFICIENCY)  # the host's rate is a measured, sustained one
     memory_time = weight_bytes * weight_passes / bus
     # dequantization runs as its own kernels before each matmul: its time adds to the step rather than overlapping
     dequant_time = dequant / bus
     launches = LAUNCH_SECONDS_PER_LAYER * spec.num_layers * math.ceil(passes)
     micro = max(compute, memory_time) + dequant_time + launches
-    optimizer = ADAMW_BYTES * _state_scale(cfg) * trainable / (bandwidth * 1e9 * BUS_EFFICIENCY)
+    optimizer = ADAMW_BYTES * _state_scale(cfg) * trainable / bus
     step = grad_accum * micro + optimizer
     return Throughput(step_seconds=step, tokens_per_second=grad_accum * tokens / step, compute_seconds=compute,
                       memory_seconds=memory_time + dequant_time, optimizer_seconds=optimizer)
@@ -114,17 +158,55 @@ class _Candidate:
     grad_accum: int = 0
     speed: Throughput | None = None
     notes: list[str] = field(default_factory=list)
+    ratio: float = 1.0  # measured over estimated memory from earlier probes of this configuration on this card
+    largest: int = 0  # the largest micro-batch that fits, whatever the effective batch (``_confirm`` settles it)
+    largest_estimate: MemoryEstimate | None = None
+    # reasons that quote this candidate, written when it is settled: (index in the reasons, text of the candidate)
+    deferred: list[tuple[int, Callable[["_Candidate"], str]]] = field(default_factory=list)
+
+    calibrated: bool = False  # a probe measured this configuration on this card
+    kept: int = 0  # bytes the budget already keeps free (its margin)
+
+    def need(self, est: MemoryEstimate, min_reserved: int | None = None) -> int:
+        """Bytes the step (or a run that reserves at least ``min_reserved``) needs on the card: the least the
+        allocator runs in, calibrated, plus the CUDA context; until a probe has measured this configuration, with
+        the estimate's uncertainty kept free where it exceeds the budget's own margin (``memory.uncertainty_bytes``)."""
+        reserved = est.min_reserved if min_reserved is None else min_reserved
+        unknown = 0 if self.calibrated or est.config.device == "cpu" else \
+            max(0, memory.uncertainty_bytes(est) - self.kept)
+        return int(reserved * self.ratio) + est.cuda_context + unknown
 
 
-def budget(card: gpus.GpuInfo, margin: float = DEFAULT_MARGIN) -> int:
-    """Bytes a step may need on ``card``: its memory, less what other processes hold, less ``margin`` of it."""
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _Asked:
+    """What the caller asked of ``plan``, for the answer when nothing fits."""
+
+    methods: tuple[str, ...]
+    method: str
+    quantization: str | None
+    knobs: dict
+    checkpointing: tuple[bool, ...]
+    seq_source: str
+    eval_batch_size: int | None
+    margin: float | None
+
+
+def budget(card: gpus.GpuInfo, margin: float | None = None) -> int:
+    """Bytes a step may need on ``card``: its memory, less what other processes hold, less ``margin`` of it
+    (default ``DEFAULT_MARGIN``). On the host (``gpu="cpu"``) without a margin: ``HOST_RAM_SHARE`` of the RAM
+    available now; with one, the RAM available less that share of all of it."""
+    if margin is None:
+        if card.source == "host":
+            return int(card.free_bytes * HOST_RAM_SHARE)
+        margin = DEFAULT_MARGIN
     if not 0 <= margin < 0.5:
         raise ConfigError(f"margin is a share of the card's memory in [0, 0.5); got {margin}")
     return int(_available(card) - margin * card.total_bytes)
 
 
 def _available(card: gpus.GpuInfo) -> int:
-    """Bytes free for this run on ``card``: what is free now on a detected card, else its total less others' use."""
+    """Bytes free for this run on ``card``: what is free now on a detected card or the host, else its total less
+    what other processes hold."""
     return card.free_bytes if card.source in ("nvml", "torch", "host") else card.total_bytes - card.used_by_others_bytes
 
 
@@ -133,11 +215,11 @@ def plan(
     gpu=None,
     *,
     seq_len: int | None = None,
-    effective_batch: int | None = None,
+    effective_batch: int | str | None = None,
     method: str = "auto",
     dataset=None,
     tokenizer=None,
-    margin: float = DEFAULT_MARGIN,
+    margin: float | None = None,
     precision: str | None = None,
     optimizer: str = "adamw_torch_fused",
     quantization: str | None = None,
@@ -146,41 +228,95 @@ def plan(
     lora_dropout: float = 0.05,
     lora_targets: tuple[str, ...] | None = None,
     gradient_checkpointing: bool | None = None,
+    eval_batch_size: int | None = None,
+    reserved_by_others: int | str | None = None,
     probe: bool | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> "Plan":
     """The fastest plan that fits ``model`` on ``gpu``; see the module docstring.
 
     ``model``: anything ``autofit.model.resolve`` takes. ``gpu``: a ``GpuInfo``, catalog name, size, device index,
-    ``"cpu"``, or None for the detected card. ``seq_len`` fixes the sequence length; else it comes from
-    ``dataset`` (a file or a list of samples; the 95th percentile of token lengths) or defaults to 1024 (or the
-    model's positions). ``effective_batch`` (default 16) is kept exactly: batch x accumulation. ``method``: "auto"
-    (the strongest method that fits a useful micro-batch: full, then LoRA, then QLoRA), "full", "lora" or "qlora".
-    ``gradient_checkpointing`` None lets the planner choose. ``probe`` (None: when the card is present) confirms the
-    plan with trial steps on the card. Raises ``DoesNotFitError`` when nothing fits, with the memory the smallest
-    configuration needs and which cards would do.
+    ``"cpu"``, or None for the detected card (the CPU and its RAM when there is none, as ``train()`` does).
+    ``seq_len`` fixes the sequence length; else it comes from ``dataset`` (a file or a list of samples; the 95th
+    percentile of token lengths) or defaults to 1024 (or the model's positions), halved while nothing fits.
+    ``effective_batch`` is kept exactly: batch x accumulation; ``"max"`` takes the largest micro-batch that fits, with
+    no accumulation; None lets the card decide (the largest micro-batch that fits up to 64, or 16 with accumulation
+    when fewer fit; 16 on the CPU). ``method``: "auto" (the strongest method that fits a useful micro-batch: full,
+    then LoRA, then QLoRA), "full", "lora" or "qlora". ``gradient_checkpointing`` None lets the planner choose.
+    ``eval_batch_size`` fixes the evaluation batch (default: the largest up to 64 that fits after the training
+    step). ``reserved_by_others`` (bytes, or a size such as ``"800MiB"``) replaces what the card is assumed to hold
+    for other processes (a desktop GeForce card from the catalog: ``gpu.DISPLAY_ALLOWANCE`` for its display).
+    ``margin``: the share of the card kept free beyond the estimate (default 0.05; on the CPU, by default, half the RAM
+    available is the budget). ``probe`` (None: when the card is present) confirms the plan with trial steps on the
+    card. Raises
+    ``DoesNotFitError`` when nothing fits, naming what binds and every way out, in one line.
     """
     spec = models.resolve(model)
-    card = gpus.resolve(gpu)
+    reasons: list[str] = []
+    card = _card(gpu, reasons)
+    if reserved_by_others is not None:
+        reserved = _byte_count(reserved_by_others, "reserved_by_others")
+        card = gpus.with_reserved_by_others(card, reserved)
+        reasons.append(f"{fmt_bytes(reserved)} of the card held by other processes, as reserved_by_others says")
+    elif card.source == "catalog" and card.used_by_others_bytes:
+        reasons.append(f"{fmt_bytes(card.used_by_others_bytes)} of the card assumed held by the display and desktop "
+                       "programs (a desktop GeForce card usually drives the screen); pass reserved_by_others=0 for a "
+                       "headless card, or what nvidia-smi shows in use")
     allowed = budget(card, margin)
+    if card.source == "host" and margin is None:
+        reasons.append(f"budget {fmt_bytes(allowed)}: {HOST_RAM_SHARE:.0%} of the {fmt_bytes(card.free_bytes)} of RAM "
+                       f"available now (of {fmt_bytes(card.total_bytes)}); the rest stays for the system, the data "
+                       "loader and other programs")
     if method not in ("auto", "full", "lora", "qlora"):
         raise ConfigError(f"method must be auto, full, lora or qlora; got {method!r}")
+    want_max = effective_batch == "max"
+    if want_max:
+        effective_batch = None
+    elif effective_batch is not None and (isinstance(effective_batch, bool) or not isinstance(effective_batch, int)):
+        raise ConfigError(f"effective_batch must be a whole number of sequences or 'max'; got {effective_batch!r}")
     if effective_batch is not None and effective_batch < 1:
         raise ConfigError(f"effective batch must be at least 1; got {effective_batch}")
+    if eval_batch_size is not None and (isinstance(eval_batch_size, bool) or not isinstance(eval_batch_size, int)
+                                        or eval_batch_size < 1):
+        raise ConfigError(f"eval_batch_size must be a whole number of sequences >= 1; got {eval_batch_size!r}")
+    host_default = card.source == "host" and effective_batch is None and not want_max
+    if host_default:
+        effective_batch = DEFAULT_EFFECTIVE_BATCH
     adaptive = effective_batch is None
     target_batch = effective_batch or MAX_DEFAULT_BATCH
-    reasons: list[str] = []
-    seq, seq_source, truncated, lengths = _sequence_length(spec, seq_len, dataset, tokenizer, reasons)
+    seq, seq_source, truncated, lengths = _sequence_length(spec, seq_len, dataset, tokenizer, reasons, progress)
     knobs = dict(precision=precision, optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha,
                  lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None)
     methods = ("full", "lora", "qlora") if method == "auto" else (method,)
     if quantization not in (None, "none", "4bit", "8bit"):
         raise ConfigError(f"quantization must be none, 4bit or 8bit; got {quantization!r}")
     checkpointing = (False, True) if gradient_checkpointing is None else (gradient_checkpointing,)
+    asked = _Asked(methods=methods, method=method, quantization=quantization, knobs=knobs,
+                   checkpointing=checkpointing, seq_source=seq_source, eval_batch_size=eval_batch_size,
+                   margin=margin)
 
     bases = _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons, _loaded_precision(spec))
+    # stages: each checkpointing setting of the first method, then the exact settling and the largest micro-batch;
+    # the count grows when the search goes on to a lighter method or a shorter sequence
+    outer, progress = progress, counted(progress, len(checkpointing) + 2, f"planning {spec.name}")
+    try:
+        result = _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked, reasons, target_batch,
+                       adaptive, want_max, host_default, eval_batch_size, progress)
+    finally:
+        if progress is not None:
+            progress.close()
+    use_probe = probe if probe is not None else (card.source in ("nvml", "torch") and _cuda_present(card))
+    if use_probe:
+        result = probing.probe(result, spec=spec, progress=outer)
+    return result
+
+
+def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked: _Asked, reasons, target_batch,
+          adaptive, want_max, host_default, eval_batch_size, progress) -> Plan:
+    """The search and its settling, once the asked knobs are read and checked (see ``plan``)."""
+    method, checkpointing = asked.method, asked.checkpointing
     if not bases:
-        raise _does_not_fit(spec, card, allowed, seq, knobs, seq_source)
+        raise _does_not_fit(spec, card, allowed, seq, asked, progress)
     shortened = False
     while True:
         seen: list[_Candidate] = []
@@ -189,7 +325,7 @@ def plan(
         if chosen is not None:
             break
         if seq_source == "user" or seq <= MIN_SEQ_LEN:
-            raise _does_not_fit(spec, card, allowed, seq, knobs, seq_source)
+            raise _does_not_fit(spec, card, allowed, seq, asked, progress)
         shorter = max(MIN_SEQ_LEN, seq // 2 // 64 * 64 or MIN_SEQ_LEN)
         reasons.append(f"sequence length shortened from {seq} to {shorter}: nothing fits at {seq}")
         seq, shortened = shorter, True
@@ -198,31 +334,51 @@ def plan(
             reasons.append(f"{truncated:.1%} of the data's samples are longer than {seq} tokens and will be truncated")
 
     cand = chosen
-    rule = _need_rule(spec, cand.cfg, card, allowed, reasons)
-    estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress, adaptive, rule)
-    run, expandable = None, False
+    estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress, adaptive, eval_batch_size)
+    if want_max:
+        if cand.largest > cand.batch_size:
+            estimate = cand.largest_estimate
+            cand.batch_size = cand.largest
+        cand.grad_accum, cand.effective = 1, cand.batch_size
+        cand.speed = throughput(spec, cand.cfg, card, batch_size=cand.batch_size, seq_len=seq, grad_accum=1,
+                                trainable=_trainable(spec, cand.cfg))
+    for index, text in cand.deferred:  # reasons that quote the chosen candidate, written now that it is settled
+        reasons[index] = text(cand)
+    if want_max:  # the micro-batch reasons were about the default effective batch, not this one
+        reasons[:] = [r for r in reasons if not r.startswith(("micro-batch ", "headroom "))]
+        _headroom_reason(reasons, allowed, cand.need(estimate), estimate)
+    run, expandable, need = None, False, cand.need(estimate)
     if card.source != "host":
         estimate, run, expandable = _run_check(spec, cand, card, allowed, seq, target_batch, lengths, reasons,
-                                               progress, adaptive, estimate, rule)
-    need = max(rule(estimate.min_reserved, estimate), rule(run.min_reserved, estimate) if run else 0)
-    headroom = allowed - need
-    reasons.append(f"headroom {fmt_bytes(headroom)} ({headroom / allowed:.0%} of the budget); peak at "
-                   f"{estimate.where}")
+                                               progress, adaptive, estimate, want_max)
+        if run is not None:
+            need = max(cand.need(estimate), cand.need(estimate, run.min_reserved))
+            reasons[:] = [r for r in reasons if not r.startswith("headroom ")]
+            _headroom_reason(reasons, allowed, need, estimate)
     unknown = memory.uncertainty_bytes(estimate)
-    if card.source != "host" and unknown > _available(card) - allowed and not _calibration(spec, cand.cfg, card)[1]:
-        reasons.append(f"{fmt_bytes(unknown)} kept free (more than the budget's {margin:.0%} margin) for what the "
-                       f"estimate does not know until a probe on this card measures it ({memory.UNCERTAINTY_NOTE})")
-    if adaptive:
+    if card.source != "host" and not cand.calibrated and unknown > cand.kept:
+        reasons.append(f"{fmt_bytes(unknown)} kept free (more than the budget's margin) for what the estimate does "
+                       f"not know until a probe on this card measures it ({memory.UNCERTAINTY_NOTE})")
+    if want_max:
+        reasons.insert(0, f"effective batch {cand.effective}: the largest micro-batch that fits, one step each, as "
+                          "effective_batch='max' asked")
+    elif host_default:
+        reasons.insert(0, f"effective batch {cand.effective}: the default; on a CPU a larger micro-batch runs no "
+                          "faster, it only lengthens each step, so it does not grow to fill the memory; pass "
+                          "effective_batch=N to change it")
+    elif adaptive:
         reasons.insert(0, f"effective batch {cand.effective}: " + (
             f"the largest micro-batch that fits (at most {MAX_DEFAULT_BATCH}), as none was asked"
             if cand.batch_size >= DEFAULT_EFFECTIVE_BATCH else
-            f"the default, micro-batches accumulating to it") + "; pass effective_batch / --effective-batch to fix it")
+            f"the default, micro-batches accumulating to it") + "; pass effective_batch=N to fix it, or "
+            "effective_batch='max' for the largest micro-batch")
     alternatives = tuple(
-        dict(config={k: getattr(c.cfg, k) for k in c.cfg.__slots__}, batch_size=c.batch_size, grad_accum=c.grad_accum,
+        dict(config={k: _plain(getattr(c.cfg, k)) for k in c.cfg.__slots__}, batch_size=c.batch_size,
+             grad_accum=c.grad_accum,
              tokens_per_second=round(c.speed.tokens_per_second, 1))
         for c in seen if c is not cand and c.speed.tokens_per_second >= CLOSE * cand.speed.tokens_per_second)
-    eval_batch = cand.eval_batch_size
-    result = Plan(
+    trainable = _trainable(spec, cand.cfg)
+    return Plan(
         model_name=spec.name, gpu=card, method=cand.cfg.method, quantization=cand.cfg.quantization,
         precision=cand.cfg.precision, gradient_checkpointing=cand.cfg.gradient_checkpointing,
         optimizer=cand.cfg.optimizer,
@@ -231,15 +387,38 @@ def plan(
         lora_dropout=cand.cfg.lora_dropout if cand.cfg.uses_lora else None,
         lora_targets=(cand.cfg.lora_targets or spec.lora_targets) if cand.cfg.uses_lora else None,
         batch_size=cand.batch_size, grad_accum=cand.grad_accum, effective_batch=cand.effective, seq_len=seq,
-        eval_batch_size=eval_batch, budget_bytes=allowed, estimate=estimate,
+        eval_batch_size=cand.eval_batch_size, budget_bytes=allowed, estimate=estimate,
         tokens_per_second=cand.speed.tokens_per_second, source="estimated", reasons=tuple(reasons),
         seq_len_source=seq_source, truncated_share=truncated, alternatives=alternatives,
         expandable_segments=expandable, run=run, need_bytes=need,
+        largest_batch=max(cand.largest, cand.batch_size), gradient_bytes=GRADIENT_BYTES * trainable,
+        trainable_params=trainable,
     )
-    use_probe = probe if probe is not None else (card.source in ("nvml", "torch") and _cuda_present(card))
-    if use_probe:
-        result = probing.probe(result, spec=spec, progress=progress)
-    return result
+
+
+def _plain(value):
+    """A config value as JSON keeps it (tuples as lists), so a plan equals itself read back from plan.json."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _card(gpu, reasons: list[str]) -> gpus.GpuInfo:
+    """The card ``gpu`` names; None is the detected card, or this machine's CPU and RAM when there is none."""
+    if gpu is None:
+        found = gpus.detect()
+        if found:
+            return found[0]
+        reasons.append("no CUDA GPU detected: planned for this machine's CPU and RAM, where train() would run; pass "
+                       "gpu='rtx3060' (or any card autofit knows, or a size such as gpu='12GiB') to plan for a card")
+        return gpus.host_memory()
+    return gpus.resolve(gpu)
+
+
+def _byte_count(value, name: str) -> int:
+    if isinstance(value, str):
+        return parse_size(value)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ConfigError(f"{name} must be a byte count >= 0 or a size such as '512MiB'; got {value!r}")
+    return value
 
 
 def _cuda_present(card: gpus.GpuInfo) -> bool:
@@ -251,7 +430,7 @@ def _cuda_present(card: gpus.GpuInfo) -> bool:
         return False
 
 
-def _sequence_length(spec, seq_len, dataset, tokenizer, reasons):
+def _sequence_length(spec, seq_len, dataset, tokenizer, reasons, progress=None):
     """(seq_len, source, truncated share, token lengths or None)."""
     if seq_len is not None:
         spec.check_seq_len(seq_len)
@@ -262,15 +441,15 @@ def _sequence_length(spec, seq_len, dataset, tokenizer, reasons):
         tok = tokenizer or data.load_tokenizer(spec.name)
         if tok is None:
             raise ConfigError(f"no tokenizer for {spec.name} in a local directory or the Hugging Face cache; pass "
-                              "tokenizer=... or --seq-len")
-        lengths = data.token_lengths(samples, tok)
+                              "tokenizer=... or seq_len=...")
+        lengths = data.token_lengths(samples, tok, progress=progress)
         choice = data.choose_seq_len(lengths, max_positions=spec.max_positions)
         reasons.append(f"sequence length {choice.seq_len}: the {choice.percentile:g}th percentile of {choice.samples} "
                        f"samples is {choice.percentile_tokens} tokens (longest {choice.max_tokens}), rounded up to a "
                        f"multiple of 64; {choice.truncated_share:.1%} of samples truncated")
         return choice.seq_len, "data", choice.truncated_share, lengths
     seq = min(DEFAULT_SEQ_LEN, spec.max_positions or DEFAULT_SEQ_LEN)
-    reasons.append(f"sequence length {seq} by default (pass seq_len, or a dataset to measure it)")
+    reasons.append(f"sequence length {seq} by default (pass seq_len=N, or a dataset to measure it)")
     return seq, "default", None, None
 
 
@@ -361,8 +540,9 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
         for ckpt in checkpointing:
             cfg = replace(base, gradient_checkpointing=ckpt)
             if ckpt and per_method and _checkpointing_cannot_win(spec, cfg, card, seq, target_batch, per_method[0]):
-                reasons.append(f"gradient checkpointing off: even with the whole effective batch in one micro-batch, "
-                               f"recomputation would cost more than micro-batch {per_method[0].batch_size} gains")
+                _defer(per_method[0], reasons, lambda c: (
+                    f"gradient checkpointing off: even with the whole effective batch in one micro-batch, "
+                    f"recomputation would cost more than micro-batch {c.batch_size} gains"))
                 break
             cand = _size(spec, cfg, card, allowed, seq, target_batch, progress, adaptive)
             if cand.max_batch == 0:
@@ -383,9 +563,11 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
                            f"of 1 at {seq} tokens")
         if len(per_method) == 2:
             other = next(c for c in per_method if c is not best)
-            reasons.append(f"gradient checkpointing {'on' if best.cfg.gradient_checkpointing else 'off'}: "
-                           f"{best.speed.tokens_per_second:,.0f} vs {other.speed.tokens_per_second:,.0f} estimated "
-                           f"tokens/s (micro-batch {best.batch_size} vs {other.batch_size})")
+            _defer(best, reasons, lambda c, other=other: (
+                f"gradient checkpointing {'on' if c.cfg.gradient_checkpointing else 'off'}: "
+                f"{c.speed.tokens_per_second:,.0f} estimated tokens/s at micro-batch {c.batch_size}, against "
+                f"{other.speed.tokens_per_second:,.0f} {'without' if c.cfg.gradient_checkpointing else 'with'} it "
+                f"(at most micro-batch {other.batch_size})"))
         found.append(best)
         # a method that fits a useful micro-batch in either checkpointing setting is strong enough; its fastest
         # setting is the one used
@@ -409,6 +591,13 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
     if best.cfg.method == "full" and best.cfg.precision.endswith("-true"):
         reasons.append(_SIXTEEN_BIT_TRADE)
     return best
+
+
+def _defer(cand: _Candidate, reasons: list[str], text: Callable[[_Candidate], str]) -> None:
+    """A reason that quotes ``cand``: written now with its method named, and again without once ``cand`` is chosen
+    and settled (its micro-batch may still change when simulated exactly)."""
+    cand.deferred.append((len(reasons), text))
+    reasons.append(f"{_method_name(cand.cfg.method)}: {text(cand)}")
 
 
 def _checkpointing_cannot_win(spec, cfg, card, seq, target_batch, without: _Candidate) -> bool:
@@ -459,6 +648,7 @@ def _size(spec, cfg, card, allowed, seq, target_batch, progress, adaptive=False)
     allocated peak alone passes the budget is surely out (``upper``); its allocator margin is the worst share seen
     and errs high (``max_batch``).
     """
+    stage(progress, f"{_method_name(cfg.method)}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
     cand = _Candidate(cfg=cfg)
     sm = memory.StepModel(spec, cfg, seq_len=seq, evaluate=True, progress=progress)
     cand.step_model = sm
@@ -508,52 +698,45 @@ def _eval_batch(cand: _Candidate, allowed: int, target_batch: int) -> int:
     return best
 
 
-def _need_rule(spec, cfg: StepConfig, card, allowed: int, reasons: list[str]) -> Callable[[int, MemoryEstimate], int]:
-    """``need(min_reserved, est)``: the free memory a card must offer for a step or run that reserves at least
-    ``min_reserved``: scaled by what probes of this configuration on this card measured; until one has, with the
-    estimate's uncertainty kept free (``memory.uncertainty_bytes``) where it exceeds the budget's own margin."""
-    ratio, samples = _calibration(spec, cfg, card)
+def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, progress,
+             adaptive: bool = False, eval_batch_size: int | None = None) -> MemoryEstimate:
+    """Settles the micro-batch by exact simulation: the largest divisor of the effective batch that fits, searched
+    between the fast model's cautious bound and its hard upper bound; then the largest micro-batch that fits at all
+    (``cand.largest``). ``eval_batch_size`` fixes the evaluation batch; else it is the largest the fast model fits
+    after the training step, halved when the evaluation pass is what does not fit."""
+    stage(progress, f"micro-batch {cand.batch_size}, simulated exactly")
+    divisors = _sizes(target_batch, adaptive)
+    tried: dict[tuple[int, int], MemoryEstimate] = {}
+    fixed_eval = eval_batch_size is not None
+    cand.eval_batch_size = eval_batch_size if fixed_eval else _eval_batch(cand, allowed, cand.effective)
+
+    ratio, samples = _calibration(spec, cand.cfg, card)
+    cand.ratio, cand.calibrated, cand.kept = ratio, bool(samples), _available(card) - allowed
     if samples:
         reasons.append(f"estimates scaled by {ratio:.3f}: measured over estimated memory in {samples} earlier "
                        f"probe trial{'s' if samples != 1 else ''} of this configuration on {card.name}")
-    kept = _available(card) - allowed
+    need = cand.need
 
-    def need(min_reserved: int, est: MemoryEstimate) -> int:
-        unknown = 0 if samples or est.config.device == "cpu" else max(0, memory.uncertainty_bytes(est) - kept)
-        return int(min_reserved * ratio) + est.cuda_context + unknown
+    def exact(b: int) -> MemoryEstimate:
+        key = (b, cand.eval_batch_size)
+        if key not in tried:
+            tried[key] = _exact(spec, cand.cfg, card, b, seq, progress, cand.eval_batch_size)
+        return tried[key]
 
-    return need
-
-
-def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, progress,
-             adaptive: bool = False, rule=None) -> MemoryEstimate:
-    """Settles the micro-batch by exact simulation: the largest divisor of the effective batch that fits, searched
-    between the fast model's cautious bound and its hard upper bound."""
-    divisors = _sizes(target_batch, adaptive)
-    tried: dict[int, MemoryEstimate] = {}
-    cand.eval_batch_size = _eval_batch(cand, allowed, cand.effective)
-    rule = rule or _need_rule(spec, cand.cfg, card, allowed, reasons)
-
-    def need(est: MemoryEstimate) -> int:
-        return rule(est.min_reserved, est)
-
-    def fits(b: int) -> bool:
-        if b not in tried:
-            while True:
-                est = _exact(spec, cand.cfg, card, b, seq, progress, cand.eval_batch_size)
-                # when the evaluation pass is what does not fit, shrink it rather than the training batch
-                if (need(est) > allowed and cand.eval_batch_size > 1 and est.eval_peak is not None
-                        and est.eval_peak >= _tensors(est)):
-                    cand.eval_batch_size //= 2
-                    continue
-                tried[b] = est
-                break
-        return need(tried[b]) <= allowed
+    def fits(b: int, shrink_eval: bool = True) -> bool:
+        est = exact(b)
+        # when the evaluation pass is what does not fit, shrink it rather than the training batch
+        while (shrink_eval and not fixed_eval and need(est) > allowed and cand.eval_batch_size > 1
+               and est.eval_peak is not None and est.eval_peak >= _tensors(est)):
+            cand.eval_batch_size //= 2
+            est = exact(b)
+        return need(est) <= allowed
 
     # divisors above the cautious choice that the hard bound still allows, smallest first
     above = [d for d in divisors if cand.batch_size < d <= cand.upper]
     below = [d for d in divisors if d <= cand.batch_size]
     chosen = None
+    cautious = cand.batch_size
     if fits(cand.batch_size):
         chosen = cand.batch_size
         low, high = 0, len(above)  # binary search: the largest divisor in `above` that fits
@@ -571,35 +754,113 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
             if fits(d):
                 chosen = d
                 break
-        reasons.append(f"micro-batch {cand.batch_size} needs {fmt_bytes(need(tried[cand.batch_size]))} when "
-                       f"simulated exactly; stepped down to {chosen}")
+        reasons.append(f"micro-batch {cautious} needs {fmt_bytes(need(exact(cautious)))} when simulated exactly; "
+                       f"stepped down to {chosen}")
     if chosen is None:
+        est = exact(1)
+        if fixed_eval and est.eval_peak is not None and est.eval_peak >= _tensors(est):
+            fitting = max(1, min(_eval_batch(cand, allowed, cand.eval_batch_size), cand.eval_batch_size - 1))
+            raise DoesNotFitError(
+                f"the evaluation pass at eval_batch_size={cand.eval_batch_size} does not fit {card.name}: the step "
+                f"needs {fmt_bytes(need(est))} of a {fmt_bytes(allowed)} budget; eval_batch_size={fitting} fits, or "
+                "leave it to the planner")
         raise DoesNotFitError(f"{spec.name} does not fit {card.name} at batch 1 x {seq} tokens: it needs "
-                              f"{fmt_bytes(need(tried[1]))}, the budget is {fmt_bytes(allowed)}")
-    estimate = tried[chosen]
+                              f"{fmt_bytes(need(est))}, the budget is {fmt_bytes(allowed)}")
+    estimate = exact(chosen)
     cand.effective = _effective(chosen, target_batch, adaptive)
     cand.batch_size, cand.grad_accum = chosen, cand.effective // chosen
     cand.speed = throughput(spec, cand.cfg, card, batch_size=chosen, seq_len=seq, grad_accum=cand.grad_accum,
                             trainable=_trainable(spec, cand.cfg))
+    stage(progress, "the largest micro-batch that fits")
+    cand.largest = _largest_batch(cand, chosen, exact, allowed, seq)
+    cand.largest_estimate = exact(cand.largest)
     next_up = next((d for d in divisors if d > chosen), None)
-    refused = next_up is not None and (next_up > cand.upper or (next_up in tried and not fits(next_up)))
+    refused = next_up is not None and next_up > cand.largest
+    largest = (f"; the largest micro-batch that fits is {cand.largest} (effective_batch='max' takes it)"
+               if cand.largest > chosen else "")
     if chosen == target_batch:
         reasons.append(f"micro-batch {chosen}: the whole {'batch cap' if adaptive else 'effective batch'} in one "
-                       "step, no accumulation")
+                       f"step, no accumulation{largest}")
     elif refused or next_up is None:
         bound = f"micro-batch {next_up} would not fit" if next_up else "nothing larger fits"
         reasons.append(f"micro-batch {chosen} x {cand.grad_accum} accumulation = effective batch {cand.effective}; "
                        f"bound by memory ({bound}" + ("" if adaptive else
-                                                      "; micro-batches divide the effective batch exactly") + ")")
+                                                      "; micro-batches divide the effective batch exactly") + ")"
+                       + largest)
     else:
-        reasons.append(f"micro-batch {chosen} x {cand.grad_accum} accumulation = effective batch {cand.effective}")
-    reasons.append(f"precision {cand.cfg.precision}" + {
-        "bf16-mixed": " (the card supports bf16; fp32 weights, bf16 autocast)",
-        "16-mixed": " (no bf16 on this card; fp32 weights, fp16 autocast with loss scaling)",
-        "bf16-true": " (16-bit weights, gradients and optimizer states; no autocast)",
-        "16-true": " (16-bit weights, gradients and optimizer states; no autocast)",
-        "32-true": " (fp32 throughout)" + (" (host memory run)" if card.source == "host" else "")}[cand.cfg.precision])
+        reasons.append(f"micro-batch {chosen} x {cand.grad_accum} accumulation = effective batch {cand.effective}"
+                       + largest)
+    _headroom_reason(reasons, allowed, need(estimate), estimate)
+    why = {"bf16-mixed": " (the card supports bf16; fp32 weights, bf16 autocast)",
+           "16-mixed": " (no bf16 on this card; fp32 weights, fp16 autocast with loss scaling)",
+           "bf16-true": " (16-bit weights, gradients and optimizer states; no autocast)",
+           "16-true": " (16-bit weights, gradients and optimizer states; no autocast)",
+           "32-true": " (a CPU run)" if card.source == "host" else " (fp32 throughout)"}[cand.cfg.precision]
+    if cand.cfg.precision == "16-mixed" and card.source == "size":
+        why = (" (a card given only by its size is assumed to lack bf16; pass precision='bf16-mixed' if it has it, "
+               "as Ampere and newer cards do)")
+    reasons.append(f"precision {cand.cfg.precision}{why}")
     return estimate
+
+
+def _headroom_reason(reasons: list[str], allowed: int, needed: int, estimate: MemoryEstimate) -> None:
+    headroom = allowed - needed
+    reasons.append(f"headroom {fmt_bytes(headroom)} ({headroom / allowed:.0%} of the budget); peak at "
+                   f"{estimate.where}")
+
+
+def _largest_batch(cand: _Candidate, chosen: int, exact: Callable[[int], MemoryEstimate], allowed: int,
+                   seq: int) -> int:
+    """The largest micro-batch that fits, whatever the effective batch, given that ``chosen`` fits; ``exact`` is
+    the exactly simulated estimate of a micro-batch.
+
+    The fast model's live tensors are exact in the batch, so nothing past ``hard`` (where they alone pass the budget)
+    fits. The guess takes the larger of the fast model's live bytes and the evaluation pass's (which does not grow
+    with the training batch), plus the allocator margin seen at ``chosen``; exact simulations then confirm it and
+    the next size up, galloping away from the guess only when it is wrong, so a plan usually pays two more
+    simulations. Need is taken as rising with the batch.
+    """
+    sm = cand.step_model
+    context = memory.cuda_context_bytes() if cand.cfg.device == "cuda" else 0
+
+    def need(b: int) -> int:
+        return cand.need(exact(b))
+
+    def live(b: int) -> int:
+        return sm.query(b, seq)[0] + context
+
+    def furthest(ok: Callable[[int], bool]) -> int:  # the largest b in [chosen, cap] with ok(b), ok(chosen) taken
+        low, high = chosen, chosen * 2
+        while high <= LARGEST_BATCH_CAP and ok(high):
+            low, high = high, high * 2
+        high = min(high, LARGEST_BATCH_CAP + 1)
+        while high - low > 1:
+            mid = (low + high) // 2
+            low, high = (mid, high) if ok(mid) else (low, mid)
+        return low
+
+    def fits(b: int) -> bool:
+        return need(b) <= allowed
+
+    hard = furthest(lambda b: live(b) <= allowed)
+    base = exact(chosen)
+    evaluation = (base.eval_peak or 0) + base.workspaces + context
+    margin = need(chosen) - max(live(chosen), evaluation)
+    guess = min(hard, furthest(lambda b: max(live(b), evaluation) + margin <= allowed))
+    if guess == chosen or fits(guess):  # gallop up from the guess to the first size that does not fit
+        low, step = guess, 1
+        while low + step <= hard and fits(low + step):
+            low, step = low + step, step * 2
+        high = min(low + step, hard + 1)
+    else:  # gallop down to the first size that fits
+        high, step = guess, 1
+        while high - step > chosen and not fits(high - step):
+            high, step = high - step, step * 2
+        low = max(high - step, chosen)
+    while high - low > 1:  # low fits, high does not
+        mid = (low + high) // 2
+        low, high = (mid, high) if fits(mid) else (low, mid)
+    return low
 
 
 # A run is checked with an evaluation pass every RUN_EVAL_EVERY steps at the plan's eval batch, where a Trainer
@@ -611,7 +872,8 @@ EXPANDABLE_GAIN = 0.03
 
 
 def _run_check(spec, cand: _Candidate, card, allowed, seq, target_batch, sample_lengths, reasons, progress,
-               adaptive, estimate: MemoryEstimate, rule) -> tuple[MemoryEstimate, "runs.RunEstimate | None", bool]:
+               adaptive, estimate: MemoryEstimate, want_max: bool = False
+               ) -> tuple[MemoryEstimate, "runs.RunEstimate | None", bool]:
     """Checks the chosen micro-batch against a run of varying lengths, not two steps: steps it down while the run
     does not fit, and turns on expandable segments where they make it fit or lower its need enough to matter.
     Returns the step estimate at the batch kept, the run's estimate (None where a run cannot be modelled) and
@@ -623,7 +885,8 @@ def _run_check(spec, cand: _Candidate, card, allowed, seq, target_batch, sample_
         return estimate, None, False
     source = "the data's sample lengths" if sample_lengths is not None else runs.DEFAULT_LENGTHS
     first = cand.batch_size
-    for b in reversed([d for d in _sizes(target_batch, adaptive) if d <= first]):
+    sizes = range(1, first + 1) if want_max else [d for d in _sizes(target_batch, adaptive) if d <= first]
+    for b in reversed(sizes):
         step = estimate if b == first else _exact(spec, cand.cfg, card, b, seq, progress, cand.eval_batch_size)
         step_flex = memory.simulate_point(spec, cand.cfg, batch_size=b, seq_len=seq, expandable_segments=True,
                                           eval_batch_size=cand.eval_batch_size, progress=progress)
@@ -631,8 +894,8 @@ def _run_check(spec, cand: _Candidate, card, allowed, seq, target_batch, sample_
         kw = dict(eval_every=RUN_EVAL_EVERY, eval_batch_size=cand.eval_batch_size, length_source=source)
         plain = model.estimate(b, lengths, step=step, **kw)
         flex = model.estimate(b, lengths, expandable_segments=True, step=step_flex, **kw)
-        need_plain = rule(max(plain.min_reserved, step.min_reserved), step)
-        need_flex = rule(max(flex.min_reserved, step_flex.min_reserved), step_flex)
+        need_plain = cand.need(step, max(plain.min_reserved, step.min_reserved))
+        need_flex = cand.need(step_flex, max(flex.min_reserved, step_flex.min_reserved))
         if min(need_plain, need_flex) <= allowed:
             break
     else:
@@ -642,7 +905,7 @@ def _run_check(spec, cand: _Candidate, card, allowed, seq, target_batch, sample_
     use_flex = need_plain > allowed or need_plain - need_flex >= EXPANDABLE_GAIN * allowed
     run, step = (flex, step_flex) if use_flex else (plain, step)
     if b != first:
-        cand.effective = _effective(b, target_batch, adaptive)
+        cand.effective = b if want_max else _effective(b, target_batch, adaptive)
         cand.batch_size, cand.grad_accum = b, cand.effective // b
         cand.speed = throughput(spec, cand.cfg, card, batch_size=b, seq_len=seq, grad_accum=cand.grad_accum,
                                 trainable=_trainable(spec, cand.cfg))
@@ -650,8 +913,8 @@ def _run_check(spec, cand: _Candidate, card, allowed, seq, target_batch, sample_
                        f"but a run of varying lengths does not (the allocator's cached blocks fragment as shapes "
                        f"change)")
     reasons.append(f"over a run of {run.steps} steps padded to {min(run.lengths)}-{max(run.lengths)} tokens "
-                   f"({source}), evaluating every {RUN_EVAL_EVERY}: needs {fmt_bytes(rule(run.min_reserved, step))}"
-                   f" (two steps at {seq} tokens: {fmt_bytes(rule(step.min_reserved, step))}); {run.growth()}")
+                   f"({source}), evaluating every {RUN_EVAL_EVERY}: needs {fmt_bytes(cand.need(step, run.min_reserved))}"
+                   f" (two steps at {seq} tokens: {fmt_bytes(cand.need(step))}); {run.growth()}")
     if use_flex:
         why = ("the run fits only with them" if need_plain > allowed else
                f"they lower the run's need by {fmt_bytes(need_plain - need_flex)}")
@@ -678,39 +941,148 @@ def _tensors(est: MemoryEstimate) -> int:
     return est.weights + est.gradients + est.optimizer_state + est.activations + est.logits_and_loss + est.temporaries
 
 
-def _does_not_fit(spec, card, allowed, seq, knobs, seq_source) -> DoesNotFitError:
-    """The error for a model no configuration fits: the least it needs and the cards that have it."""
-    shortest = MIN_SEQ_LEN if seq_source != "user" else seq
-    cfg = memory.step_config(card, method="qlora", quantization="4bit", gradient_checkpointing=True, **knobs)
+_STATIC_PARTS = {"full": "its weights, gradients and AdamW state", "lora": "its 16-bit weights and the adapters' "
+                 "training state", "qlora": "its quantized weights and the adapters' training state"}
+_PART_NAMES = {"weights": "weights", "gradients": "gradients", "optimizer_state": "optimizer state",
+               "activations": "activations", "logits_and_loss": "logits and loss", "temporaries": "temporaries"}
+
+
+def _base_config(card, method: str, asked: _Asked, *, checkpointing: bool, **overrides) -> StepConfig:
+    quant = "none"
+    if method == "qlora":
+        quant = asked.quantization if asked.quantization in ("4bit", "8bit") else "4bit"
+    knobs = {**asked.knobs, **overrides}
+    return memory.step_config(card, method=method, quantization=quant, gradient_checkpointing=checkpointing, **knobs)
+
+
+def _least_need(spec, cfg: StepConfig, seq: int, context: int, progress) -> tuple[int, str]:
+    """(bytes, what binds) of ``cfg`` at micro-batch 1 x ``seq``: its static part when that alone is too much is
+    the caller's business; here the simulated step, with its largest part named."""
     try:
-        least = memory.simulate_point(spec, cfg, batch_size=1, seq_len=shortest).required_bytes
-    except Exception:  # the smallest configuration could not even be simulated
-        least = _static_bytes(spec, cfg)
-    margin_share = 1 - allowed / card.total_bytes if card.total_bytes else DEFAULT_MARGIN
-    cards = sorted((c for c in gpus.catalog() if c.total_bytes * (1 - margin_share) >= least),
-                   key=lambda c: c.total_bytes)
+        est = memory.simulate_point(spec, cfg, batch_size=1, seq_len=seq, progress=progress)
+    except Exception:  # the step could not be simulated: its static part is all that is known
+        return _static_bytes(spec, cfg) + context, "its weights, gradients and optimizer state"
+    parts = {name: getattr(est, name) for name in _PART_NAMES}
+    largest = max(parts, key=parts.get)
+    return est.required_bytes, f"{_PART_NAMES[largest]} the largest part ({fmt_bytes(parts[largest])})"
+
+
+def _does_not_fit(spec, card, allowed, seq, asked: _Asked, progress=None) -> DoesNotFitError:
+    """The answer when nothing fits, in one line: for every method asked, what binds (its static part, or the step
+    at micro-batch 1), then every way out: another method, a shorter sequence, a lever (an 8-bit optimizer,
+    checkpointing, 4-bit weights), and the catalog cards that would do."""
+    context = memory.cuda_context_bytes() if card.source != "host" else 0
+    shortest = seq if asked.seq_source == "user" else MIN_SEQ_LEN
+    lean = max(asked.checkpointing)  # checkpointing where allowed: the least memory a step needs
+    terms: list[str] = []
+    least: dict[str, int] = {}
+    static_binds: dict[str, bool] = {}
+    for method in asked.methods:
+        cfg = _base_config(card, method, asked, checkpointing=lean)
+        static = _static_bytes(spec, cfg) + context
+        static_binds[method] = static > allowed
+        if static_binds[method]:
+            least[method] = static
+            terms.append(f"{_STATIC_PARTS[method]} alone need {fmt_bytes(static)}")
+        else:
+            least[method], binding = _least_need(spec, cfg, shortest, context, progress)
+            terms.append(f"micro-batch 1 x {shortest} tokens{' with checkpointing' if lean else ''} needs "
+                         f"{fmt_bytes(least[method])}, {binding}")
+    ways: list[str] = []
+    order = ("full", "lora", "qlora")
+
+    def longest(cfg: StepConfig) -> int | None:
+        """The longest of ``seq``, ``seq`` / 2, ... (at least MIN_SEQ_LEN) at which micro-batch 1 of ``cfg`` fits."""
+        length = seq
+        while length >= MIN_SEQ_LEN:
+            if _least_need(spec, cfg, length, context, progress)[0] <= allowed:
+                return length
+            if asked.seq_source != "user":
+                return None  # the planner already tried every length down to MIN_SEQ_LEN
+            length //= 2
+        return None
+
+    # another method: the ones not asked, strongest first; the first that fits makes the lighter ones moot
+    for method in order:
+        if method in asked.methods:
+            continue
+        cfg = _base_config(card, method, asked, checkpointing=True)
+        if _static_bytes(spec, cfg) + context > allowed:
+            continue
+        length = longest(cfg)
+        if length is None:
+            continue
+        lighter = [m for m in order[order.index(method) + 1:] if m not in asked.methods]
+        named = " or ".join(f"method='{m}'" for m in [method, *lighter])
+        ways.append(f"{named} (fits micro-batch 1 x {seq} tokens with checkpointing)" if length == seq else
+                    f"{named} with seq_len={length} (fits micro-batch 1 with checkpointing)")
+        break
+    # a shorter sequence, where the step rather than the static part binds
+    dynamic = [m for m in asked.methods if not static_binds[m]]
+    if dynamic and asked.seq_source == "user" and seq > MIN_SEQ_LEN:
+        method = dynamic[-1]
+        length = longest(_base_config(card, method, asked, checkpointing=lean))
+        if length is not None and length < seq:
+            ways.append(f"seq_len={length} (fits {_method_name(method)} at micro-batch 1)")
+    if any(static_binds.values()):
+        bound = [_method_name(m) for m in asked.methods if static_binds[m]]
+        listed = bound[0] if len(bound) == 1 else ", ".join(bound[:-1]) + " and " + bound[-1]
+        ways.append(f"for {listed} a shorter sequence or smaller batch does not help (weights and "
+                    "optimizer state do not depend on them)")
+    # levers
+    if "full" in asked.methods and static_binds.get("full") and asked.knobs.get("optimizer") != "adamw_8bit":
+        cfg = _base_config(card, "full", asked, checkpointing=lean, optimizer="adamw_8bit")
+        static = _static_bytes(spec, cfg) + context
+        verdict = "within the budget" if static <= allowed else "still over it"
+        ways.append(f"optimizer='adamw_8bit' (AdamW state in 2 bytes per parameter instead of 8) brings full "
+                    f"fine-tuning's static part to {fmt_bytes(static)}, {verdict}")
+    if lean is False and dynamic:
+        cfg = _base_config(card, dynamic[-1], asked, checkpointing=True)
+        need, _ = _least_need(spec, cfg, shortest, context, progress)
+        ways.append(f"gradient_checkpointing=True (keeps one layer's activations at a time: {fmt_bytes(need)} at "
+                    f"micro-batch 1)")
+    if "qlora" in asked.methods and asked.quantization == "8bit":
+        ways.append("quantization='4bit' (half the weights' bytes of 8-bit)")
+    # a card: the least any asked method needs, against each catalog card's budget with the margin asked
+    target = min(least.values())
+    cards = sorted((c for c in gpus.catalog() if budget(c, asked.margin) >= target), key=lambda c: c.total_bytes)
     names = ", ".join(f"{c.key} ({fmt_bytes(c.total_bytes)})" for c in cards[:4]) or "none in the catalog"
-    return DoesNotFitError(
-        f"{spec.name} does not fit {card.name}: even 4-bit QLoRA with checkpointing at batch 1 x {shortest} tokens "
-        f"needs {fmt_bytes(least)} and the budget is {fmt_bytes(allowed)}; cards that would do: {names}")
+    ways.append(f"cards that would do: {names}")
+    if len(asked.methods) == 1:
+        which, binding = f"with {_method_name(asked.methods[0])}", terms[0]
+    else:
+        which = "with any method"
+        binding = "; ".join(f"{_method_name(m)}: {t}" for m, t in zip(asked.methods, terms))
+    return DoesNotFitError(f"{spec.name} does not fit {card.name} (budget {fmt_bytes(allowed)}) {which}: {binding}. "
+                           f"Ways out: {'; '.join(ways)}", binding=binding, ways_out=tuple(ways))
 
 
 # -- many models on one card ---------------------------------------------------------------------------------------------
 def fit_table(gpu, *, method: str = "auto", seq_len: int | None = None,
-              names: list[str] | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
-    """For every catalog model (or ``names``), the best plan on ``gpu`` or why none fits."""
+              names: list[str] | None = None, progress: Callable[[str], None] | None = None,
+              reserved_by_others: int | str | None = None) -> list[dict]:
+    """For every catalog model (or ``names``), the best plan on ``gpu`` or why none fits (``reason``: the whole
+    answer; ``binding`` and ``ways_out``: its parts). ``progress`` hears the count, the time elapsed and what is left."""
     rows = []
-    for name in names or models.catalog_names():
-        if progress:
-            progress(f"planning {name}")
-        try:
-            spec = models.resolve(name)
-            length = min(seq_len, spec.max_positions) if seq_len and spec.max_positions else seq_len
-            p = plan(spec, gpu, method=method, seq_len=length, probe=False)
-            rows.append(dict(model=name, fits=True, method=p.method, quantization=p.quantization,
-                             batch_size=p.batch_size, grad_accum=p.grad_accum, seq_len=p.seq_len,
-                             checkpointing=p.gradient_checkpointing, required_bytes=p.estimate.required_bytes,
-                             budget_bytes=p.budget_bytes, tokens_per_second=round(p.tokens_per_second)))
-        except DoesNotFitError as err:
-            rows.append(dict(model=name, fits=False, reason=str(err)))
+    names = list(names or models.catalog_names())
+    work = counted(progress, len(names), "planning models")
+    try:
+        for name in names:
+            stage(work, name)
+            try:
+                spec = models.resolve(name)
+                length = min(seq_len, spec.max_positions) if seq_len and spec.max_positions else seq_len
+                p = plan(spec, gpu, method=method, seq_len=length, probe=False, reserved_by_others=reserved_by_others,
+                         progress=work.inner if hasattr(work, "inner") else work)
+                rows.append(dict(model=name, fits=True, method=p.method, quantization=p.quantization,
+                                 batch_size=p.batch_size, grad_accum=p.grad_accum, seq_len=p.seq_len,
+                                 checkpointing=p.gradient_checkpointing, required_bytes=p.estimate.required_bytes,
+                                 budget_bytes=p.budget_bytes, tokens_per_second=round(p.tokens_per_second),
+                                 largest_batch=p.largest_batch))
+            except DoesNotFitError as err:
+                rows.append(dict(model=name, fits=False, reason=str(err), binding=err.binding,
+                                 ways_out=list(err.ways_out)))
+    finally:
+        if work is not None:
+            work.close()
     return rows

@@ -97,6 +97,9 @@ class Plan:
     run: RunEstimate | None = None  # the run's peaks over steps of varying length, where it was modelled
     need_bytes: int | None = None  # what the planner checked against the budget: the step's or run's need,
     # calibrated, with the estimate's uncertainty kept free until a probe measured it (None: the step's need)
+    largest_batch: int | None = None  # the largest micro-batch that fits, whatever the effective batch
+    gradient_bytes: int | None = None  # the trainable parameters' gradients once all exist (not all live at the peak)
+    trainable_params: int | None = None
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.grad_accum < 1 or self.eval_batch_size < 1:
@@ -106,6 +109,18 @@ class Plan:
                               f"{self.grad_accum} != {self.effective_batch})")
         if self.source not in ("estimated", "probed"):
             raise ConfigError(f"source must be estimated or probed; got {self.source!r}")
+        if self.largest_batch is not None and self.largest_batch < self.batch_size:
+            raise ConfigError(f"largest_batch ({self.largest_batch}) cannot be below batch_size ({self.batch_size})")
+
+    def __str__(self) -> str:
+        return self.summary()
+
+    def __repr__(self) -> str:
+        quant = "" if self.quantization == "none" else f" {self.quantization}"
+        return (f"Plan({self.model_name} on {self.gpu.name}: {self.method}{quant}, micro-batch {self.batch_size} x "
+                f"{self.grad_accum} x {self.seq_len} tokens, {self.precision}, checkpointing "
+                f"{'on' if self.gradient_checkpointing else 'off'}, needs {fmt_bytes(self.estimate.required_bytes)} "
+                f"of {fmt_bytes(self.budget_bytes)}, {self.source})")
 
     # -- handing the plan to training code -------------------------------------------------------------------------
     def training_arguments(self, output_dir: str = "out", **overrides):
@@ -225,15 +240,18 @@ class Plan:
             raise ConfigError(f"not a plan file autofit wrote ({type(err).__name__}: {err})") from None
 
     def summary(self) -> str:
-        """The human table: knobs, memory at the peak, reasons."""
+        """The human table: knobs, memory at the peak (what is live then, and why), reasons. ``str(plan)`` is this."""
         e = self.estimate
+        host = self.gpu.source == "host"
         method = {"full": "full fine-tuning", "lora": f"LoRA r={self.lora_r}",
                   "qlora": f"QLoRA r={self.lora_r} ({self.quantization})"}[self.method]
+        largest = (f" (the largest that fits: {self.largest_batch})"
+                   if self.largest_batch is not None and self.largest_batch > self.batch_size else "")
         lines = [
             f"plan for {self.model_name} on {self.gpu.name} ({self.source}"
             + (f", {len(self.trials)} trials" if self.trials else "") + ")",
             f"  method               {method}" + (f" on {','.join(self.lora_targets)}" if self.lora_targets else ""),
-            f"  micro-batch          {self.batch_size} x {self.seq_len} tokens",
+            f"  micro-batch          {self.batch_size} x {self.seq_len} tokens{largest}",
             f"  accumulation         {self.grad_accum} (effective batch {self.effective_batch})",
             f"  sequence length      {self.seq_len} ({self.seq_len_source}"
             + (f", {self.truncated_share:.1%} of samples truncated" if self.truncated_share is not None else "") + ")",
@@ -242,15 +260,26 @@ class Plan:
             f"  optimizer            {self.optimizer}",
             f"  eval batch           {self.eval_batch_size}",
             f"  est. throughput      {self.tokens_per_second:,.0f} tokens/s",
-            f"  memory               needs {fmt_bytes(self.required_bytes)} of a {fmt_bytes(self.budget_bytes)} budget "
-            f"({fmt_bytes(self.headroom_bytes)} headroom)",
+            f"  memory               needs {fmt_bytes(self.required_bytes)} of a {fmt_bytes(self.budget_bytes)} "
+            f"{'RAM ' if host else ''}budget ({fmt_bytes(self.headroom_bytes)} headroom)",
+            f"    at the peak ({e.where}):",
         ]
-        parts = e.components(tight=True)  # they sum to what the plan needs
+        parts = self.peak_parts()
         width = max(len(k) for k in parts)
         for name, value in parts.items():
-            lines.append(f"    {name:<{width}}  {fmt_bytes(value):>11}")
-        lines.append(f"    (on a card with memory to spare the allocator caches more: up to "
-                     f"{fmt_bytes(e.peak_reserved)} reserved, {fmt_bytes(e.device_total)} in nvidia-smi)")
+            lines.append(f"    {name:<{width}}  {fmt_bytes(value):>11}" + self._part_note(name, value))
+        beyond = self.required_bytes - e.required_bytes
+        if beyond > 0:
+            lines.append(f"    {'+ run and unknowns':<{width}}  {fmt_bytes(beyond):>11}   the run's fragmentation over "
+                         "varying lengths and what the estimate cannot know until measured (see why)")
+        if not host and e.peak_reserved > e.min_reserved:
+            spare = self.gpu.total_bytes - self.gpu.used_by_others_bytes
+            if e.device_total <= spare:
+                lines.append(f"    (with memory to spare on this card the allocator caches more: up to "
+                             f"{fmt_bytes(e.peak_reserved)} reserved, {fmt_bytes(e.device_total)} in nvidia-smi)")
+            else:
+                lines.append("    (the allocator caches what the card has room for and releases cached blocks "
+                             "before it would fail)")
         if self.run is not None:
             r = self.run
             lines.append(f"  over a run           {r.steps} steps padded to {min(r.lengths)}-{max(r.lengths)} tokens "
@@ -262,3 +291,32 @@ class Plan:
         lines.extend(f"    - {r}" for r in self.reasons)
         lines.append("  use it:  args = plan.training_arguments(output_dir='out')  # transformers.TrainingArguments")
         return "\n".join(lines)
+
+    def peak_parts(self) -> dict[str, int]:
+        """What the plan needs, by part, at the peak instant; the parts sum to ``estimate.required_bytes``.
+
+        The evaluation pass, where it peaks above the training step, is its own part rather than hidden in the
+        allocator margin; a CPU run has no workspaces, allocator margin or CUDA context, so those are left out.
+        """
+        e = self.estimate
+        parts = e.components(tight=True)
+        tensors = (e.weights + e.gradients + e.optimizer_state + e.activations + e.logits_and_loss + e.temporaries)
+        excess = max(0, (e.eval_peak or 0) - tensors)
+        if excess:
+            parts["allocator margin"] -= excess
+            parts = {**{k: v for k, v in parts.items() if k not in ("allocator margin", "CUDA context")},
+                     f"evaluation pass (batch {self.eval_batch_size})": excess,
+                     "allocator margin": parts["allocator margin"], "CUDA context": parts["CUDA context"]}
+        if self.gpu.source == "host":
+            parts = {k: v for k, v in parts.items()
+                     if k not in ("cuBLAS workspaces", "allocator margin", "CUDA context") or v}
+        return parts
+
+    def _part_note(self, name: str, value: int) -> str:
+        """Why a part has the size it has at the peak, where that surprises: gradients that are not all there."""
+        if name != "gradients" or not self.gradient_bytes or value >= self.gradient_bytes:
+            return ""
+        if value == 0:
+            return (f"   none yet: last step's were freed by zero_grad and backward has not reached this step's "
+                    f"({fmt_bytes(self.gradient_bytes)} once all exist)")
+        return f"   part of them: backward is part-way ({fmt_bytes(self.gradient_bytes)} once all exist)"

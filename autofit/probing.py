@@ -416,7 +416,8 @@ def probe(plan, *, spec=None, device=None, isolate: bool = False, use_cache: boo
     spec = models.resolve(spec if spec is not None else plan.model_name)
     if device is None:
         if not torch.cuda.is_available() or plan.gpu.index is None:
-            raise ProbeError("no CUDA device to probe; plan with --gpu NAME to plan from the estimate instead")
+            raise ProbeError("no CUDA device to probe; name the card, e.g. gpu='rtx3060', to plan from the "
+                             "estimate instead")
         device = CudaDevice(index=plan.gpu.index, limit_bytes=plan.budget_bytes - plan.estimate.cuda_context)
     prober = _Prober(spec, plan, device, isolate=isolate, use_cache=use_cache, progress=progress,
                      max_trials=max_trials)
@@ -429,7 +430,8 @@ def probe(plan, *, spec=None, device=None, isolate: bool = False, use_cache: boo
     fitting = [s for s in searches if s.batch_size]
     if not fitting:
         raise ProbeError(f"nothing ran on {getattr(device, 'name', 'the device')}: every trial ran out of memory, "
-                         "down to a micro-batch of 1; plan for a smaller configuration (--method qlora, --seq-len)")
+                         "down to a micro-batch of 1; plan for a smaller configuration (method='qlora', or a "
+                         "shorter seq_len=N)")
     best = max(fitting, key=lambda s: s.tokens_per_second or 0.0)
     chosen_trial = next(t for t in best.trials if t.fits and t.batch_size == best.batch_size)
     estimate = replace(memory.simulate_point(spec, best.cfg, batch_size=best.batch_size, seq_len=plan.seq_len,
@@ -455,7 +457,12 @@ def probe(plan, *, spec=None, device=None, isolate: bool = False, use_cache: boo
         reasons=tuple(reasons), trials=tuple(prober.trials), measured_reserved=chosen_trial.peak_reserved,
         # the run and the need were estimated for the plan's knobs: kept where the probe kept them
         run=plan.run if (cfg, best.batch_size) == (plan.step_config, plan.batch_size) else None,
-        need_bytes=plan.need_bytes if (cfg, best.batch_size) == (plan.step_config, plan.batch_size) else None)
+        need_bytes=plan.need_bytes if (cfg, best.batch_size) == (plan.step_config, plan.batch_size) else None,
+        # the estimate's largest micro-batch belongs to the planned configuration; another one's is not known
+        largest_batch=(max(plan.largest_batch, best.batch_size)
+                       if plan.largest_batch is not None and best.cfg == plan.step_config else None),
+        gradient_bytes=plan.gradient_bytes if cfg.method == plan.method else None,
+        trainable_params=plan.trainable_params if cfg.method == plan.method else None)
 
 
 def _rank(prober: _Prober, candidates: list[tuple[StepConfig, int]]) -> list[_Search]:

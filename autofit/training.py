@@ -25,13 +25,13 @@ import torch
 from transformers import TrainerCallback
 
 from autofit import data as datasets
-from autofit import gpu as gpus
 from autofit import planner
 from autofit.sim import kbit
 from autofit import model as models
 from autofit.errors import ConfigError, DataError, ModelError
 from autofit.files import write_atomic
 from autofit.guard import guard
+from autofit.progress import Terminal
 from autofit.units import fmt_bytes
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,9 @@ def train(
 
     ``plan``: a ``Plan``, a path to a ``plan.json``, or None to plan now for ``gpu`` (default: the detected card, else
     the CPU) with ``plan_options`` passed to ``plan()``. ``steps`` or ``epochs`` bound the run (default: one epoch).
-    ``resume`` continues from the last checkpoint in ``output_dir``. Raises ``AutofitError`` subclasses for bad input.
+    A run bounded by ``steps`` is a short one: it keeps no checkpoints (optimizer state included) unless
+    ``save_steps`` asks for them; the final model is saved either way. ``resume`` continues from the last checkpoint
+    in ``output_dir``. Raises ``AutofitError`` subclasses for bad input.
     """
     if steps is not None and epochs is not None:
         raise ConfigError("give steps or epochs, not both")
@@ -113,8 +115,8 @@ def train(
     if tok is None:
         if not random_init:
             raise ModelError(f"no tokenizer for {spec.name} in a local directory or the Hugging Face cache; pass a "
-                             "directory with the model's files, or --random-init to train the architecture from its "
-                             "config with a tokenizer built from the data")
+                             "directory with the model's files, or random_init=True to train the architecture from "
+                             "its config with a tokenizer built from the data")
         tok = datasets.build_tokenizer(samples)
     if random_init and len(tok) != spec.vocab_size:
         # the architecture with the data's tokenizer: its vocabulary sizes the embeddings and the head
@@ -123,7 +125,9 @@ def train(
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(config, key, getattr(tok, key, None))
         spec = replace(models.resolve(config), name=spec.name)
-    plan = _plan(spec, plan, gpu, samples, tok, plan_options)
+    reporter = Terminal(progress)
+    plan = _plan(spec, plan, gpu, samples, tok, plan_options, reporter if progress else None)
+    reporter.done()
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_atomic(out / "plan.json", plan.to_json())
@@ -133,8 +137,11 @@ def train(
     packed = packing if packing is not None else all(isinstance(s, str) for s in samples) and \
         not str(data).endswith((".jsonl", ".json"))
     train_samples, eval_samples = _split(samples)
-    train_set = datasets.tokenize(train_samples, tok, seq_len=plan.seq_len, packing=packed)
-    eval_set = datasets.tokenize(eval_samples, tok, seq_len=plan.seq_len, packing=packed) if eval_samples else None
+    told = reporter if progress else None
+    train_set = datasets.tokenize(train_samples, tok, seq_len=plan.seq_len, packing=packed, progress=told)
+    eval_set = (datasets.tokenize(eval_samples, tok, seq_len=plan.seq_len, packing=packed, progress=told)
+                if eval_samples else None)
+    reporter.done()
     if learning_rate is None and random_init:
         learning_rate = 1e-3  # random weights learn at pretraining rates, not fine-tuning ones
     args = _arguments(plan, out, steps, epochs, learning_rate, eval_steps, save_steps, bool(eval_set), progress,
@@ -157,6 +164,7 @@ def train(
     eval_loss = trainer.evaluate().get("eval_loss") if eval_set is not None else None
     trainer.save_model(str(out))
     tok.save_pretrained(str(out))
+    trainer.state.save_to_json(str(out / "trainer_state.json"))  # the run's log history, checkpoints or not
     summary = memory_log.summary()
     return TrainResult(
         output_dir=str(out), plan=plan, global_step=result.global_step, train_loss=result.training_loss,
@@ -178,7 +186,7 @@ def _use_expandable_segments() -> None:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
-def _plan(spec, plan, gpu, samples, tok, options) -> planner.Plan:
+def _plan(spec, plan, gpu, samples, tok, options, progress=None) -> planner.Plan:
     if isinstance(plan, planner.Plan):
         return plan
     if isinstance(plan, (str, os.PathLike)):
@@ -186,12 +194,11 @@ def _plan(spec, plan, gpu, samples, tok, options) -> planner.Plan:
             return planner.Plan.from_json(Path(plan).read_text())
         except OSError as err:
             raise ConfigError(f"cannot read the plan {plan}: {err.strerror}") from None
-    if gpu is None:
-        gpu = "cuda:0" if gpus.detect() else "cpu"
     options = dict(options)
     if "seq_len" not in options:
         options["dataset"], options["tokenizer"] = samples, tok
-    return planner.plan(spec, gpu, **options)
+    # gpu None: the detected card, or this machine's CPU and RAM when there is none (the plan says which)
+    return planner.plan(spec, gpu, progress=progress, **options)
 
 
 def load_model(spec: models.ModelSpec, plan: planner.Plan, *, model_ref=None, random_init: bool = False):
@@ -203,12 +210,12 @@ def load_model(spec: models.ModelSpec, plan: planner.Plan, *, model_ref=None, ra
     device = "cpu" if cfg.device == "cpu" else f"cuda:{plan.gpu.index or 0}"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"this plan is for {plan.gpu.name} but no CUDA device is here; plan for this machine with "
-                          "--gpu cpu, or train on the card")
+                          "gpu='cpu', or train on the card")
     dtype = cfg.weights_dtype
     if cfg.quantization != "none":
         if not kbit.bitsandbytes_available() or cfg.device != "cuda":
             raise ConfigError("QLoRA needs bitsandbytes and a CUDA card (pip install 'autofit[quant]'); on this machine "
-                              "use --method lora or full")
+                              "use method='lora' or method='full'")
     if isinstance(model_ref, torch.nn.Module) and not random_init:
         net = model_ref  # the user's own module: trained as given
     elif random_init:
@@ -227,7 +234,7 @@ def load_model(spec: models.ModelSpec, plan: planner.Plan, *, model_ref=None, ra
             net = AutoModelForCausalLM.from_pretrained(ref, **kwargs)
         except (OSError, ValueError) as err:
             raise ModelError(f"the weights of {spec.name} are not in a local directory or the Hugging Face cache "
-                             f"({str(err).splitlines()[0][:120]}); pass a directory with the weights, or --random-init "
+                             f"({str(err).splitlines()[0][:120]}); pass a directory with the weights, or random_init=True "
                              "to train the architecture from its config") from None
         if cfg.quantization != "none":
             kbit.upcast_non_quantized(net)
@@ -265,19 +272,24 @@ def _split(samples: list) -> tuple[list, list]:
 def _arguments(plan, out, steps, epochs, learning_rate, eval_steps, save_steps, evaluate, progress, n_items):
     per_step = plan.batch_size * plan.grad_accum
     total = steps or max(1, int(((epochs or 1.0) * n_items) // per_step))
+    # a run of a given number of steps is a short one (a smoke test, a try): its checkpoints would be mostly
+    # optimizer state (twice the weights for AdamW) that nothing resumes from, so it keeps none unless asked
+    keep = save_steps is not None or steps is None
     save = save_steps or max(1, min(500, total // 2))
     overrides = dict(
         learning_rate=learning_rate or (1e-4 if plan.method != "full" else 2e-5),
         logging_steps=max(1, min(10, total // 10)),
-        save_strategy="steps", save_steps=save, save_total_limit=2,
+        save_strategy="steps" if keep else "no", save_total_limit=2,
         report_to=[], disable_tqdm=not progress, dataloader_drop_last=False,
     )
+    if keep:
+        overrides["save_steps"] = save
     if steps is not None:
         overrides["max_steps"] = steps
     else:
         overrides["num_train_epochs"] = epochs or 1.0
     if evaluate:
-        overrides.update(eval_strategy="steps", eval_steps=eval_steps or save)
+        overrides.update(eval_strategy="steps", eval_steps=eval_steps or (save if keep else max(1, total // 2)))
     return plan.training_arguments(str(out), **overrides)
 
 

@@ -91,10 +91,80 @@ def test_probe_without_a_gpu_says_how_to_name_one(capsys):
     assert code == 2 and "--gpu" in err and "no CUDA GPU detected" in err
 
 
+def _text(out: str) -> str:
+    return " ".join(out.split())  # help lines are indented and wrapped
+
+
+@pytest.mark.parametrize("command", ["probe", "train"])
+def test_help_states_the_defaults_that_depend_on_the_card(capsys, monkeypatch, command):
+    monkeypatch.setenv("COLUMNS", "2000")  # no wrapping inside words such as micro-batch
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = _text(capsys.readouterr().out)
+    assert ("--effective-batch N|max sequences per optimizer step, kept exactly as micro-batch x accumulation; 'max' "
+            "takes the largest micro-batch that fits, with no accumulation. Default: set by the card: the largest "
+            "micro-batch that fits, up to 64, with no accumulation; 16 by accumulation where fewer than 16 fit; 16 on "
+            "the CPU") in text
+    assert ("--seq-len N tokens per sequence. Default: from --data (95th percentile), else 1024 or the model's "
+            "positions; a default length is halved while nothing fits the card") in text
+    assert ("--eval-batch N evaluation micro-batch. Default: set by the card: the largest, up to 64, that fits after "
+            "the training step") in text
+    assert ("--reserved-by-others SIZE memory other programs hold on the card, such as a display (e.g. 800MiB, 0). "
+            "Default: what a detected card reports; 512MiB for a desktop GeForce card named from the catalog, 0 for "
+            "others") in text
+    if command == "probe":
+        assert ("--precision PRECISION bf16-mixed or 16-mixed (fp32 weights, 16-bit autocast), bf16-true or 16-true "
+                "(16-bit weights, gradients and optimizer states, no autocast: a model loaded in bf16), 32-true; bf16, "
+                "fp16 and fp32 are short for bf16-mixed, 16-mixed and 32-true. Default: set by the card: bf16-mixed "
+                "where it supports bf16 (Ampere and newer), 16-mixed on older cards and on a card given only by its "
+                "size, 32-true on the CPU") in text
+        assert "(default: 16)" not in text
+
+
+@pytest.mark.parametrize("message, flags", [
+    ("name the card you plan for, e.g. gpu='rtx3060' or gpu='12GiB'",
+     "name the card you plan for, e.g. --gpu rtx3060 or --gpu 12GiB"),
+    ("or random_init=True to train the architecture", "or --random-init to train the architecture"),
+    ("Ways out: method='lora' or method='qlora' (fits); seq_len=512 (fits QLoRA)",
+     "Ways out: --method lora or --method qlora (fits); --seq-len 512 (fits QLoRA)"),
+    ("eval_batch_size=8 fits; reserved_by_others=0 for a headless card", "--eval-batch 8 fits; --reserved-by-others 0 "
+     "for a headless card"),
+    ("gradient_checkpointing=True (keeps one layer)", "--gradient-checkpointing on (keeps one layer)"),
+    ("optimizer='adamw_8bit' (AdamW state", "--optimizer adamw_8bit (AdamW state"),
+    ("tokenizer=... stays as it is", "tokenizer=... stays as it is"),
+])
+def test_errors_name_flags_on_the_command_line(message, flags):
+    from autofit.cli import as_flags
+
+    assert as_flags(message) == flags
+
+
+def test_probe_effective_batch_max_and_plot(capsys, tmp_path):
+    path = tmp_path / "plan.png"
+    code, out, _ = run(capsys, "probe", "distilgpt2", "--gpu", "rtx3060", "--seq-len", "256", "--effective-batch",
+                       "max", "--plot", str(path), "--quiet")
+    assert code == 0 and path.read_bytes()[:4] == b"\x89PNG" and f"wrote {path}" in out
+    assert "as --effective-batch max asked" in out and "accumulation         1 (effective batch" in out
+    with pytest.raises(SystemExit) as exit_:
+        main(["probe", "distilgpt2", "--gpu", "rtx3060", "--effective-batch", "most"])
+    assert exit_.value.code == 2 and "a whole number of sequences or 'max', not 'most'" in capsys.readouterr().err
+
+
+def test_a_model_that_cannot_fit_says_what_binds_with_flags(capsys):
+    code, out, err = run(capsys, "probe", "meta-llama/Llama-3.2-1B", "--gpu", "rtx3060", "--method", "full", "--quiet")
+    assert code == 2 and out == ""
+    line = err.strip()
+    assert "\n" not in line and line.startswith("autofit: error: meta-llama/Llama-3.2-1B does not fit")
+    assert "its weights, gradients and AdamW state alone need 18.92 GiB. Ways out: --method lora or --method qlora" in line
+    assert "--optimizer adamw_8bit" in line and "method='" not in line
+
+
 def test_fit_table(capsys):
     code, out, _ = run(capsys, "fit", "--gpu", "rtx4060-laptop", "--models", "distilgpt2,meta-llama/Llama-3.1-70B",
                        "--seq-len", "256", "--quiet")
-    assert code == 0 and "distilgpt2" in out and "does not fit" in out
+    assert code == 0 and "distilgpt2" in out
+    assert ("meta-llama/Llama-3.1-70B                 does not fit: full fine-tuning: its weights, gradients and AdamW "
+            "state alone need 1051.83 GiB") in out
     code, out, _ = run(capsys, "fit", "--gpu", "rtx4060-laptop", "--models", "distilgpt2", "--seq-len", "256", "--json")
     rows = json.loads(out)
     assert rows[0]["fits"] and rows[0]["method"] == "full"

@@ -61,19 +61,60 @@ def test_nominal_memory_is_binary(key, gib):
 def test_catalog_figures_are_plausible(info):
     card = next(card for card in CATALOG if card.key == info.key)
     assert info.source == "catalog" and info.index is None
-    assert info.free_bytes == info.total_bytes and info.used_by_others_bytes == 0
-    # the driver keeps back a little (and ECC a sixteenth) but never more than 10 %
-    assert 0.9 * card.nominal_bytes < info.total_bytes < card.nominal_bytes
+    # a desktop GeForce card drives a display; laptop and data-centre cards are planned with all memory free
+    others = gpu.DISPLAY_ALLOWANCE if card.drives_display else 0
+    assert info.used_by_others_bytes == others and info.free_bytes == info.total_bytes - others
+    assert card.drives_display == ("GeForce" in info.name and "Laptop" not in info.name)
+    # the driver keeps back a little (and ECC a sixteenth) but never more than 10 %, or 512 MiB of a small card
+    assert card.nominal_bytes - max(card.nominal_bytes // 10, 512 * MiB) <= info.total_bytes < card.nominal_bytes
     assert info.bf16 == (info.compute_capability >= (8, 0))
     assert info.family != "unknown"
-    assert info.peak_tflops_16 is None or 10 <= info.peak_tflops_16 <= 1000
-    assert info.bandwidth_gbs is None or 200 <= info.bandwidth_gbs <= 5000
+    assert info.peak_tflops_16 is None or 2 <= info.peak_tflops_16 <= 1000  # a GTX 1650's FP32 rate is 2.98
+    assert info.bandwidth_gbs is None or 100 <= info.bandwidth_gbs <= 5000
 
 
 def test_turing_and_volta_have_no_bf16():
-    for key in ("rtx2060", "rtx2080ti", "t4", "v100-16gb", "v100-32gb"):
+    for key in ("rtx2060", "rtx2080ti", "t4", "v100-16gb", "v100-32gb", "gtx1080", "gtx1660ti", "p100"):
         assert resolve(key).bf16 is False
     assert resolve("rtx3060").bf16 is True
+
+
+@pytest.mark.parametrize("spec, key, family, tflops", [
+    # no tensor cores: CUDA cores x 2 x boost clock, the FP32 rate PyTorch's fp16 matmuls run at
+    ("gtx1080", "gtx1080", "pascal", 8.87),            # 2560 x 2 x 1733 MHz
+    ("GeForce GTX 1080 Ti", "gtx1080ti", "pascal", 11.34),  # 3584 x 2 x 1582 MHz
+    ("1060", "gtx1060", "pascal", 4.37),
+    ("Tesla P100-PCIE-16GB", "p100", "pascal", 9.53),
+    ("gtx 1650", "gtx1650", "turing", 2.98),
+    ("NVIDIA GeForce GTX 1660 SUPER", "gtx1660super", "turing", 5.03),
+    ("1660ti", "gtx1660ti", "turing", 5.44),
+    # laptop variants: the GeForce rule at the boost clock of their largest power design
+    ("RTX 3050 Laptop", "rtx3050-laptop", "ampere", 14.3),
+    ("rtx3070 laptop", "rtx3070-laptop", "ampere", 31.9),
+    ("NVIDIA GeForce RTX 3080 Laptop GPU", "rtx3080-laptop", "ampere", 38.0),
+    ("4050 laptop", "rtx4050-laptop", "ada", 24.3),
+    ("rtx4080-laptop", "rtx4080-laptop", "ada", 49.4),
+])
+def test_pascal_gtx16_and_laptop_cards(spec, key, family, tflops):
+    info = resolve(spec)
+    assert (info.key, info.family, info.peak_tflops_16) == (key, family, tflops)
+    assert info.bf16 is (family in ("ampere", "ada"))
+    laptop = "Laptop" in info.name
+    assert info.used_by_others_bytes == (0 if laptop or key == "p100" else gpu.DISPLAY_ALLOWANCE)
+
+
+def test_display_allowance_can_be_overridden():
+    card = resolve("rtx3060")
+    assert card.used_by_others_bytes == 512 * MiB and card.free_bytes == card.total_bytes - 512 * MiB
+    headless = gpu.with_reserved_by_others(card, 0)
+    assert headless.free_bytes == headless.total_bytes and headless.used_by_others_bytes == 0
+    busy = gpu.with_reserved_by_others(card, 2 * GiB)
+    assert busy.free_bytes == card.total_bytes - 2 * GiB
+    for bad in (-1, card.total_bytes, True):
+        with pytest.raises(GpuError) as err:
+            gpu.with_reserved_by_others(card, bad)
+        one_line(err.value)
+    assert resolve("a100-80gb").used_by_others_bytes == 0
 
 
 @pytest.mark.parametrize("key, total", [
@@ -184,7 +225,7 @@ def _set(key: str, field: str, value):
     pytest.param(_set("rtx3060", "bandwidth_gbs", 0), ["card rtx3060", "bandwidth_gbs"], id="zero-bandwidth"),
     pytest.param(_set("rtx3060", "bandwidth_gbs", float("inf")), ["card rtx3060", "bandwidth_gbs"],
                  id="infinite-bandwidth"),
-    pytest.param(_set("rtx3060", "key", 3060), ["card #9", "key"], id="key-as-number"),
+    pytest.param(_set("rtx3060", "key", 3060), ["card #16", "key"], id="key-as-number"),
     pytest.param(lambda data: data["cards"].__setitem__(0, "rtx2060"), ["card #1"], id="card-as-text"),
     pytest.param(lambda data: data.__setitem__("gpus", []), ["unknown field 'gpus'"], id="unknown-top-field"),
     pytest.param(lambda data: data.pop("sources"), ["missing field 'sources'"], id="missing-legend"),
@@ -254,7 +295,7 @@ def test_sizes_resolve_to_exact_bytes(spec, total):
     info = resolve(spec)
     assert info.total_bytes == info.free_bytes == total
     assert info.key is None and info.source == "size" and info.used_by_others_bytes == 0
-    assert info.compute_capability is None and info.bf16 is True
+    assert info.compute_capability is None and info.bf16 is False  # unless told: precision="bf16"
     assert info.peak_tflops_16 is None and info.bandwidth_gbs is None
     assert info.name.endswith(" card") and "GiB" in info.name
 
@@ -273,10 +314,25 @@ def test_unknown_name_lists_close_matches():
 
 
 def test_bare_number_is_a_model_not_a_size():
+    assert resolve("1080").key == "gtx1080"  # a GTX 1080, not 1080 GiB
     with pytest.raises(GpuError) as err:
-        resolve("1080")
+        resolve("1090")
     message = one_line(err.value)
-    assert "closest: rtx2080, rtx3080, rtx4080" in message and "cuda:1080" in message
+    assert "closest: gtx1060, gtx1080, 3090" not in message and "cuda:1090" in message
+    assert message.startswith("unknown GPU '1090'; closest: gtx1080, gtx1060, rtx3090;")
+
+
+@pytest.mark.parametrize("typed, closest", [
+    ("rtx3600", "rtx3060, rtx4060, rtx3090"),  # two digits swapped: one edit from the 3060
+    ("rtx4600", "rtx4060, rtx4090, rtx4080"),
+    ("rtx3070x", "rtx3070, rtx3070ti, rtx3060"),
+    ("gtx1008", "gtx1080, gtx1060"),
+    ("gtx1606", "gtx1660, gtx1650, gtx1060"),  # 1606 is one swap from 1660
+])
+def test_typos_are_matched_by_edits_digits_included(typed, closest):
+    with pytest.raises(GpuError) as err:
+        resolve(typed)
+    assert f"unknown GPU '{typed}'; closest: {closest};" in one_line(err.value)
 
 
 @pytest.mark.parametrize("spec", ["cuda:x", "cuda:-1", "-3GB", "0GB", "", "   ", "12 parsecs", True, 3.5, [0], -1])
@@ -292,7 +348,7 @@ def test_no_gpu_means_name_a_card(no_gpu):
         with pytest.raises(GpuError) as err:
             resolve(spec)
         assert one_line(err.value) == ("no CUDA GPU detected; name the card you plan for, "
-                                       "e.g. --gpu rtx3060 or --gpu 12GiB")
+                                       "e.g. gpu='rtx3060' or gpu='12GiB'")
     for spec in ("cuda:1", 1):
         with pytest.raises(GpuError) as err:
             resolve(spec)
@@ -317,7 +373,8 @@ def test_gpuinfo_validation_names_the_field(field, value):
 
 @pytest.mark.parametrize("cc, family", [
     ((7, 0), "volta"), ((7, 5), "turing"), ((8, 0), "ampere"), ((8, 6), "ampere"), ((8, 7), "ampere"),
-    ((8, 9), "ada"), ((9, 0), "hopper"), ((10, 0), "blackwell"), ((12, 0), "blackwell"), ((6, 1), "unknown"),
+    ((8, 9), "ada"), ((9, 0), "hopper"), ((10, 0), "blackwell"), ((12, 0), "blackwell"), ((6, 1), "pascal"),
+    ((5, 2), "unknown"),
     (None, "unknown"),
 ])
 def test_family(cc, family):
@@ -566,3 +623,24 @@ def test_process_memory_reads_our_own_process(monkeypatch, clean_env):
     assert nvml.calls.count("init") == nvml.calls.count("shutdown")
     monkeypatch.setitem(sys.modules, "pynvml", fake_nvml(devices, init_error=FakeNVMLError("no driver")))
     assert gpu.process_memory(0) is None
+
+
+def test_host_speed_is_measured_once_and_kept(monkeypatch, tmp_path):
+    measured = []
+
+    def fake():
+        measured.append(1)
+        return gpu.HostSpeed(matmul_tflops=0.05, bandwidth_gbs=20.0, threads=2, source="measured")
+
+    monkeypatch.setattr(gpu, "measure_host_speed", fake)
+    monkeypatch.setenv("AUTOFIT_CACHE", str(tmp_path))
+    gpu.host_speed.cache_clear()
+    try:
+        first = gpu.host_speed()
+        gpu.host_speed.cache_clear()  # a new process: the figure comes from the cache folder
+        second = gpu.host_speed()
+    finally:
+        gpu.host_speed.cache_clear()
+    assert measured == [1] and first.source == "measured" and second.source == "cached"
+    assert (second.matmul_tflops, second.bandwidth_gbs) == (0.05, 20.0)
+    assert (tmp_path / gpu.HOST_SPEED_FILE).exists()
