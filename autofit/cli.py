@@ -1,19 +1,24 @@
 """The ``autofit`` command: parses arguments, calls the public API, prints tables or JSON. No logic of its own.
 
-Errors a user can act on print one line and exit 2; ``--debug`` shows the traceback instead.
+Errors a user can act on (a malformed argument included) print one line and exit 2; ``--debug`` shows the traceback
+instead. Ctrl-C (SIGINT) and SIGTERM stop a command within seconds with nothing left half-written, worker processes
+ended, and exit status 130 and 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 from dataclasses import asdict
 
-from autofit.errors import AutofitError
+from autofit.errors import AutofitError, CacheError, Terminated
 
 EPILOG = """examples:
   autofit probe distilgpt2 --gpu rtx3060            plan every knob for a card (probes it when present)
@@ -29,6 +34,13 @@ Models are named from autofit's catalog (autofit models), the local Hugging Face
 config.json; nothing is downloaded. GPUs are named from the catalog (rtx3060, "RTX 4060 Laptop", a100-80gb), by
 size (12GiB), or as a detected device (cuda:0); without --gpu, the detected card is used.
 """
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with autofit's one-line errors (argparse prints its usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"autofit: error: {message}; see {self.prog} --help\n")
 
 
 class _Progress:
@@ -77,10 +89,10 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autofit", description="Fit fine-tuning to your GPU: estimate, probe and plan the memory of a training "
         "step.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     common.add_argument("--quiet", action="store_true", help="no progress messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -162,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
     bound.add_argument("--steps", type=int, default=None, metavar="N", help="optimizer steps")
     bound.add_argument("--epochs", type=float, default=None, metavar="N", help="passes over the data (default: 1)")
     p.add_argument("--random-init", action="store_true", help="random weights from the config (no download)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     p.add_argument("--seq-len", type=int, default=None, metavar="N", help="default: measured from the data")
     p.add_argument("--effective-batch", type=int, default=None, metavar="N")
     p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto")
@@ -200,27 +213,52 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line ``argv``; returns the exit status."""
+    """Runs the command line ``argv``; returns the exit status (0, 2 for an error, 130 / 143 when interrupted)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a malformed argument (printed on one line)
+        return stop.code if isinstance(stop.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="autofit: %(levelname)s: %(message)s")
     try:
-        return args.handler(args)
+        with _sigterm_raises():
+            return args.handler(args)
     except AutofitError as err:
         if args.debug:
             raise
         print(f"autofit: error: {err}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("autofit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        after = "; autofit train ... --resume continues from the last complete checkpoint" \
+            if args.command == "train" else ""
+        print(f"autofit: {how}: stopped with no file half-written{after}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except BrokenPipeError:  # output piped into a reader that stopped early (head): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) as Ctrl-C raises KeyboardInterrupt, so that every
+    ``finally`` runs: staged checkpoints are removed, worker processes ended, nothing is left half-written."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> None:
@@ -234,7 +272,10 @@ def _print_json(obj) -> None:
 # -- handlers ----------------------------------------------------------------------------------------------------------
 def _estimate(args) -> int:
     from autofit import memory as est
+    from autofit import validate
 
+    if args.plot:
+        validate.file_path(args.plot, what="--plot")
     progress = _Progress(not args.quiet and not args.json)
     result = est.estimate(
         args.model, args.gpu, batch_size=args.batch_size, seq_len=args.seq_len, method=args.method,
@@ -261,10 +302,12 @@ def _estimate(args) -> int:
 
 def _probe(args) -> int:
     from autofit import gpu as gpus
-    from autofit import planner
+    from autofit import planner, validate
 
     if args.no_cache:
         os.environ["AUTOFIT_CACHE"] = "off"
+    if args.out:
+        validate.file_path(args.out)  # before minutes of planning, not after
     if args.gpu is None and not gpus.detect():
         raise AutofitError("no CUDA GPU detected, so there is no card to probe; plan for the card you will train on "
                            "with --gpu, e.g. autofit probe MODEL --gpu rtx3060 (autofit gpus lists the names)")
@@ -336,10 +379,11 @@ def _train(args) -> int:
                                       method=args.method).items() if v is not None}
     if args.plan:
         options = {}
+    progress = _Progress(True) if not args.quiet and not args.json else False
     result = training.train(args.model, args.data, output_dir=args.out, plan=args.plan, gpu=args.gpu,
                             steps=args.steps, epochs=args.epochs, random_init=args.random_init, resume=args.resume,
-                            learning_rate=args.learning_rate, packing=False if args.no_packing else None,
-                            progress=not args.quiet and not args.json, **options)
+                            overwrite=args.overwrite, learning_rate=args.learning_rate,
+                            packing=False if args.no_packing else None, progress=progress, **options)
     if args.json:
         from dataclasses import asdict
 
@@ -357,26 +401,37 @@ def _cache(args) -> int:
     import shutil
 
     from autofit import calibration
-
     from autofit.sim import simulate
 
     root = calibration.cache_root()
     if root is None:
         raise AutofitError("the cache is off (AUTOFIT_CACHE=off); unset it to use one")
-    store = calibration.Store()
+    try:
+        store, problem = calibration.Store(), None
+    except CacheError as err:
+        if args.action == "clear":
+            raise CacheError(f"cannot clear the cache: {err}") from None
+        store, problem = None, str(err)
     sims = simulate.cache_dir()
-    sim_files = sorted(sims.glob("*.npz")) if sims and sims.exists() else []
+    sim_files = sorted(sims.glob("*.npz")) if sims and sims.is_dir() else []
     if args.action == "clear":
         n = store.clear()
-        if sims and sims.parent.exists():
-            shutil.rmtree(sims.parent)
+        if sims and sims.parent.is_dir():
+            try:
+                shutil.rmtree(sims.parent)
+            except OSError as err:
+                raise CacheError(f"cleared {n} calibration(s) but not the simulations in {sims.parent} "
+                                 f"({err.strerror or err}); make the folder writable") from None
         print(f"cleared {n} calibration(s), the probe studies and {len(sim_files)} cached simulation(s) in {root}")
         return 0
-    entries = store.entries()
+    entries = store.entries() if store is not None else []
     if args.json:
-        _print_json({"path": str(store.path), "calibrations": entries, "simulations": len(sim_files)})
+        _print_json({"path": str(store.path if store else calibration.database_path()), "usable": store is not None,
+                     "problem": problem, "read_only": bool(store and store.readonly), "calibrations": entries,
+                     "simulations": len(sim_files)})
         return 0
-    print(f"cache: {root}")
+    print(f"cache: {root}" + (f" (not usable: {problem}; autofit runs without it)" if problem else "")
+          + (" (read-only: calibrations are read, not recorded)" if store is not None and store.readonly else ""))
     print(f"  {len(sim_files)} cached simulations ({sum(f.stat().st_size for f in sim_files) / 2**20:.1f} MiB)")
     print(f"  {len(entries)} calibrations (measured / estimated peak reserved memory):")
     for e in entries:
@@ -388,11 +443,14 @@ def _cache(args) -> int:
 
 def _inspect(args) -> int:
     from autofit import model as models
+    from autofit import validate
 
     spec = models.resolve(args.model)
-    method = args.method or ("lora" if args.lora_r or args.lora_targets else "full")
+    method = args.method or ("lora" if args.lora_r is not None or args.lora_targets is not None else "full")
+    lora_r = 16 if args.lora_r is None else args.lora_r
+    validate.knobs(spec, method=method, lora_r=lora_r, lora_targets=args.lora_targets)
     counts = models.count_params(spec, method=method, quantization="4bit" if method == "qlora" else "none",
-                                 lora_r=args.lora_r or 16, lora_targets=args.lora_targets)
+                                 lora_r=lora_r, lora_targets=args.lora_targets)
     info = {
         "name": spec.name, "source": spec.source, "model_type": spec.model_type, "method": method,
         "total_params": counts.total, "trainable_params": counts.trainable, "params_by_dtype": dict(counts.by_dtype),
@@ -402,7 +460,7 @@ def _inspect(args) -> int:
         "tied_embeddings": spec.tied_embeddings, "lora_targets": list(args.lora_targets or spec.lora_targets),
     }
     if method != "full":
-        info["lora_r"] = args.lora_r or 16
+        info["lora_r"] = lora_r
     if args.json:
         _print_json(info)
         return 0
@@ -456,3 +514,7 @@ def _models(args) -> int:
         print(f"  {r['name']:<42} {r['params'] / 1e9:>7.2f}B  {r['num_layers']:>3} layers  "
               f"{r['max_positions'] or '?':>6} positions  {r['model_type']}")
     return 0
+
+
+if __name__ == "__main__":
+    entry()

@@ -16,7 +16,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
-from autofit import calibration, data, memory, probing
+from autofit import calibration, data, memory, probing, validate
 from autofit import gpu as gpus
 from autofit import model as models
 from autofit.errors import ConfigError, DoesNotFitError
@@ -157,6 +157,10 @@ def plan(
     """
     spec = models.resolve(model)
     card = gpus.resolve(gpu)
+    validate.plan_inputs(spec, card, seq_len=seq_len, effective_batch=effective_batch, method=method, dataset=dataset,
+                         tokenizer=tokenizer, margin=margin, precision=precision, optimizer=optimizer,
+                         quantization=quantization, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing, probe=probe)
     allowed = budget(card, margin)
     if method not in ("auto", "full", "lora", "qlora"):
         raise ConfigError(f"method must be auto, full, lora or qlora; got {method!r}")
@@ -165,7 +169,7 @@ def plan(
     adaptive = effective_batch is None
     target_batch = effective_batch or MAX_DEFAULT_BATCH
     reasons: list[str] = []
-    seq, seq_source, truncated, lengths = _sequence_length(spec, seq_len, dataset, tokenizer, reasons)
+    seq, seq_source, truncated, lengths = _sequence_length(spec, seq_len, dataset, tokenizer, reasons, progress)
     knobs = dict(precision=precision, optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha,
                  lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None)
     methods = ("full", "lora", "qlora") if method == "auto" else (method,)
@@ -232,23 +236,24 @@ def _cuda_present(card: gpus.GpuInfo) -> bool:
         return False
 
 
-def _sequence_length(spec, seq_len, dataset, tokenizer, reasons):
+def _sequence_length(spec, seq_len, dataset, tokenizer, reasons, progress=None):
     """(seq_len, source, truncated share, token lengths or None)."""
     if seq_len is not None:
         spec.check_seq_len(seq_len)
         reasons.append(f"sequence length {seq_len} as asked")
         return seq_len, "user", None, None
     if dataset is not None:
-        samples = data.load_samples(dataset) if not isinstance(dataset, (list, tuple)) else list(dataset)
+        samples = data.load_samples(dataset) if not isinstance(dataset, (list, tuple)) else validate.samples(dataset)
         tok = tokenizer or data.load_tokenizer(spec.name)
         if tok is None:
             raise ConfigError(f"no tokenizer for {spec.name} in a local directory or the Hugging Face cache; pass "
                               "tokenizer=... or --seq-len")
-        lengths = data.token_lengths(samples, tok)
+        measured = data.measure_lengths(samples, tok, progress=progress)
+        lengths = measured.lengths
         choice = data.choose_seq_len(lengths, max_positions=spec.max_positions)
         reasons.append(f"sequence length {choice.seq_len}: the {choice.percentile:g}th percentile of {choice.samples} "
                        f"samples is {choice.percentile_tokens} tokens (longest {choice.max_tokens}), rounded up to a "
-                       f"multiple of 64; {choice.truncated_share:.1%} of samples truncated")
+                       f"multiple of 64; {choice.truncated_share:.1%} of samples truncated{measured.note}")
         return choice.seq_len, "data", choice.truncated_share, lengths
     seq = min(DEFAULT_SEQ_LEN, spec.max_positions or DEFAULT_SEQ_LEN)
     reasons.append(f"sequence length {seq} by default (pass seq_len, or a dataset to measure it)")
@@ -522,7 +527,9 @@ def _calibration(spec, cfg: StepConfig, card) -> tuple[float, int]:
     if calibration.cache_root() is None:
         return 1.0, 0
     try:
-        store = calibration.Store()
+        store = calibration.open_store()  # None, said once, when the cache cannot be used
+        if store is None:
+            return 1.0, 0
         found = store.ratio(calibration.Key.of(spec, card.name, cfg))
         store.close()
     except Exception as err:  # an unusable cache never stops a plan
@@ -556,6 +563,7 @@ def _does_not_fit(spec, card, allowed, seq, knobs, seq_source) -> DoesNotFitErro
 def fit_table(gpu, *, method: str = "auto", seq_len: int | None = None,
               names: list[str] | None = None, progress: Callable[[str], None] | None = None) -> list[dict]:
     """For every catalog model (or ``names``), the best plan on ``gpu`` or why none fits."""
+    validate.fit_inputs(gpus.resolve(gpu), method=method, seq_len=seq_len, names=names)
     rows = []
     for name in names or models.catalog_names():
         if progress:
