@@ -139,12 +139,6 @@ def text(name: str, value, *, hint: str = "", error: type[Exception] = ConfigErr
     return value
 
 
-def _label(api: str, cli: str | None = None) -> str:
-    """How a value is named in messages: its API name and, where it differs, its CLI flag."""
-    flag_name = cli or "--" + api.replace("_", "-")
-    return f"{api} ({flag_name})"
-
-
 # -- the environment -------------------------------------------------------------------------------------------------
 def environment() -> None:
     """Checks autofit's environment variables: ``AUTOFIT_WORKERS`` is a whole number of processes. (A cache path
@@ -270,7 +264,7 @@ def module_names(spec) -> frozenset[str]:
     return _MODULE_NAMES[spec.fingerprint]
 
 
-def targets(spec, targets, *, what: str = "lora_targets (--lora-targets)") -> tuple[str, ...] | None:
+def targets(spec, targets, *, what: str = "lora_targets") -> tuple[str, ...] | None:
     """``targets`` as a tuple of module names of ``spec``'s model, or None for peft's defaults. Raises
     ``ConfigError`` for anything but a list of names, and ``ModelError`` for names the model does not have."""
     if targets is None:
@@ -294,7 +288,7 @@ def targets(spec, targets, *, what: str = "lora_targets (--lora-targets)") -> tu
     return targets
 
 
-def lora_rank(spec, value, *, name: str = "lora_r (--lora-r)") -> int:
+def lora_rank(spec, value, *, name: str = "lora_r") -> int:
     """A LoRA rank from 1 to the width of ``spec``'s layers: an adapter of rank r adds r x (in + out) weights to a
     layer of in x out, so a rank at the width costs more than training the layer itself."""
     return positive_int(name, value, high=spec.hidden_size,
@@ -309,13 +303,13 @@ def knobs(spec, *, method: str, precision=None, quantization=None, optimizer="ad
     ``auto`` admits method "auto"; ``quantization_wins`` (the estimate) turns LoRA with a 4/8-bit base into QLoRA with
     a warning, where the planner refuses the contradiction."""
     methods = (("auto",) if auto else ()) + simulate.METHODS
-    choice("method (--method)", method, methods)
+    choice("method", method, methods)
     if precision is not None:
-        choice("precision (--precision)", precision, simulate.PRECISIONS,
+        choice("precision", precision, simulate.PRECISIONS,
                hint="leave it out for bf16 where the card supports it, else fp16")
     if quantization is not None:
-        choice("quantization (--quantization)", quantization, simulate.QUANTIZATIONS)
-    choice("optimizer (--optimizer)", optimizer, simulate.OPTIMIZERS)
+        choice("quantization", quantization, simulate.QUANTIZATIONS)
+    choice("optimizer", optimizer, simulate.OPTIMIZERS)
     quantized = quantization not in (None, "none")
     if method == "full" and quantized:
         raise ConfigError(f"method full trains unquantized weights, so quantization {quantization} contradicts it; use "
@@ -329,20 +323,20 @@ def knobs(spec, *, method: str, precision=None, quantization=None, optimizer="ad
                               f"use --method qlora for a {quantization} base, or drop --quantization")
         log.warning("LoRA on a %s base is QLoRA: estimating method qlora", quantization)
     uses_lora = method != "full"
-    rank = positive_int("lora_r (--lora-r)", lora_r, hint="ranks of 4 to 64 are usual")
+    rank = positive_int("lora_r", lora_r, hint="ranks of 4 to 64 are usual")
     if uses_lora:
         lora_rank(spec, rank)
         targets(spec, lora_targets)
     if lora_alpha is not None:
         positive_int("lora_alpha", lora_alpha, high=1 << 20, hint="leave it out for twice the rank")
     finite_float("lora_dropout", lora_dropout, low=0.0, high=1.0, high_open=True)
-    flag("gradient_checkpointing (--gradient-checkpointing)", gradient_checkpointing, optional=True)
+    flag("gradient_checkpointing", gradient_checkpointing, optional=True)
 
 
 def batch_shape(spec, batch_size, seq_len) -> None:
     """A micro-batch of ``batch_size`` x ``seq_len`` tokens ``spec`` can run: a length within its positions, and
     hidden states (b x s x hidden, 2 bytes each at the least: the embeddings' output) that some card can hold."""
-    b = positive_int(_label("batch_size"), batch_size, hint="the micro-batch in sequences, e.g. --batch-size 8")
+    b = positive_int("batch_size", batch_size, hint="the micro-batch in sequences, e.g. --batch-size 8")
     s = sequence_length(spec, seq_len)
     least = b * s * spec.hidden_size * 2
     if least > MAX_DEVICE_BYTES:
@@ -351,7 +345,7 @@ def batch_shape(spec, batch_size, seq_len) -> None:
                           "--batch-size (with accumulation for a large effective batch) or --seq-len")
 
 
-def sequence_length(spec, seq_len, *, name: str = _label("seq_len")) -> int:
+def sequence_length(spec, seq_len, *, name: str = "seq_len") -> int:
     """A sequence length from 2 tokens (a causal LM predicts each token from the ones before) to ``spec``'s
     positions."""
     length = integer(name, seq_len, low=2, high=MAX_SEQ_LEN, hint="tokens per sequence, e.g. --seq-len 512")
@@ -374,7 +368,7 @@ def estimate_inputs(spec, card_info, *, batch_size, seq_len, method, precision, 
     flag("gradient_checkpointing", gradient_checkpointing)
     if max_grad_norm is not None:
         finite_float("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
-    flag("expandable_segments (--expandable-segments)", expandable_segments)
+    flag("expandable_segments", expandable_segments)
     batch_shape(spec, batch_size, seq_len)
 
 
@@ -390,9 +384,9 @@ def plan_inputs(spec, card_info, *, seq_len, effective_batch, method, dataset, t
     if seq_len is not None:
         sequence_length(spec, seq_len)
     if effective_batch is not None:
-        positive_int(_label("effective_batch"), effective_batch, high=MAX_EFFECTIVE_BATCH,
+        positive_int("effective_batch", effective_batch, high=MAX_EFFECTIVE_BATCH,
                      hint="sequences per optimizer step; 16 to 512 are usual")
-    finite_float(_label("margin"), margin, low=0.0, high=0.5, high_open=True,
+    finite_float("margin", margin, low=0.0, high=0.5, high_open=True,
                  hint="the share of the card kept free, e.g. 0.05")
     flag("probe", probe, optional=True)
     if dataset is not None and not isinstance(dataset, (str, os.PathLike, list, tuple)):
@@ -404,9 +398,9 @@ def fit_inputs(card_info, *, method, seq_len, names) -> None:
     """What ``autofit.planner.fit_table`` takes (each model's plan is checked as it is made)."""
     environment()
     card(card_info)
-    choice("method (--method)", method, ("auto",) + simulate.METHODS)
+    choice("method", method, ("auto",) + simulate.METHODS)
     if seq_len is not None:
-        integer(_label("seq_len"), seq_len, low=2, high=MAX_SEQ_LEN)
+        integer("seq_len", seq_len, low=2, high=MAX_SEQ_LEN)
     if names is not None:
         if isinstance(names, str) or not isinstance(names, Iterable):
             raise ConfigError(f"models (--models) must be a list of model names; got {_shown(names, typed=True)}")
@@ -415,7 +409,7 @@ def fit_inputs(card_info, *, method, seq_len, names) -> None:
             raise ConfigError("models (--models) names no model; list names separated by commas, e.g. --models "
                               "distilgpt2,gpt2, or leave it out for the whole catalog")
         for name in names:
-            text("models (--models)", name, hint="list names separated by commas, e.g. --models distilgpt2,gpt2")
+            text("models", name, hint="list names separated by commas, e.g. --models distilgpt2,gpt2")
 
 
 def tokenizer_object(value) -> None:
@@ -434,7 +428,7 @@ def probe_inputs(plan, *, plan_type: type, isolate, use_cache, rank, max_trials)
     environment()
     if not isinstance(plan, plan_type):
         raise ConfigError(f"probe() takes a Plan (from autofit.plan or Plan.from_json); got {_shown(plan, typed=True)}")
-    flag("isolate (--isolate)", isolate)
+    flag("isolate", isolate)
     flag("use_cache", use_cache)
     flag("rank", rank)
     positive_int("max_trials", max_trials, high=1_000)
@@ -502,7 +496,7 @@ def file_path(path, *, what: str = "--out") -> Path:
     return path
 
 
-def run_folder(path, *, what: str = "output_dir (--out)") -> Path:
+def run_folder(path, *, what: str = "output_dir") -> Path:
     """A path a run's folder can live at: a folder or nothing yet, not a file, not under a file."""
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path).strip():
         raise ConfigError(f"{what} must be a folder path; got {_shown(path, typed=True)}")
@@ -531,18 +525,18 @@ def train_inputs(*, data, output_dir, plan, plan_type: type, steps, epochs, rand
     if steps is not None and epochs is not None:
         raise ConfigError("give steps or epochs, not both")
     if steps is not None:
-        positive_int(_label("steps"), steps, high=MAX_STEPS, hint="optimizer steps to train, e.g. --steps 100")
+        positive_int("steps", steps, high=MAX_STEPS, hint="optimizer steps to train, e.g. --steps 100")
     if epochs is not None:
-        finite_float(_label("epochs"), epochs, low=0.0, high=MAX_EPOCHS, low_open=True,
+        finite_float("epochs", epochs, low=0.0, high=MAX_EPOCHS, low_open=True,
                      hint="passes over the data, e.g. --epochs 1 (or 0.5 for half)")
     if learning_rate is not None:
-        finite_float(_label("learning_rate"), learning_rate, low=0.0, high=MAX_LEARNING_RATE, low_open=True,
+        finite_float("learning_rate", learning_rate, low=0.0, high=MAX_LEARNING_RATE, low_open=True,
                      hint="fine-tuning uses 1e-5 to 1e-3; leave it out for the default")
     for name, value in (("eval_steps", eval_steps), ("save_steps", save_steps)):
         if value is not None:
             positive_int(name, value, high=MAX_STEPS)
-    for name, value in (("random_init (--random-init)", random_init), ("resume (--resume)", resume),
-                        ("overwrite (--overwrite)", overwrite)):
+    for name, value in (("random_init", random_init), ("resume", resume),
+                        ("overwrite", overwrite)):
         flag(name, value)
     flag("packing", packing, optional=True)
     tokenizer_object(tokenizer)
@@ -656,10 +650,6 @@ def plan_fields(plan) -> None:
         if getattr(cfg, name) != getattr(plan, name):
             raise ConfigError(f"the plan's {name} is {getattr(plan, name)!r} but its estimate was made for "
                               f"{getattr(cfg, name)!r}; make plans with autofit probe --out rather than editing one")
-    if plan.estimate.batch_size != plan.batch_size or plan.estimate.seq_len != plan.seq_len:
-        raise ConfigError(f"the plan's micro-batch {plan.batch_size} x {plan.seq_len} is not its estimate's "
-                          f"({plan.estimate.batch_size} x {plan.estimate.seq_len}); make plans with autofit probe "
-                          "--out rather than editing one")
 
 
 def plan_for_model(plan, spec) -> None:
