@@ -146,12 +146,12 @@ class Store:
         if self.path is None:
             raise CacheError("the cache is off (AUTOFIT_CACHE=off)")
         folder = self.path.parent
+        if folder.exists() and not folder.is_dir():
+            raise CacheError(f"the cache path {folder} is a file, not a folder")
         try:
             folder.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             raise CacheError(f"cannot use the cache folder {folder} ({err.strerror or err})") from None
-        if not folder.is_dir():
-            raise CacheError(f"the cache path {folder} is a file, not a folder")
         if self.path.exists() and not self.path.is_file():
             raise CacheError(f"the cache database {self.path} is not a file")
         self.readonly = not _writable(self.path)

@@ -138,9 +138,10 @@ def _load_config(path: Path):
     except KeyError as err:
         raise ModelError(f"{path}: transformers does not know model_type {data['model_type']!r} ({err})") from None
     except Exception as err:  # noqa: BLE001 - transformers' own checks of a config raise many types; one line each
-        first = (str(err).strip().splitlines() or [type(err).__name__])
-        raise ModelError(f"{path}: transformers rejects this config ({' '.join(line.strip() for line in first[:2])})"
-                         "; fix it, or pass a catalog name (autofit models)") from None
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        why = " ".join(line.strip() for line in lines[:2])
+        raise ModelError(f"{path}: transformers rejects this config ({why[:160]}); fix it, or pass a catalog name "
+                         "(autofit models)") from None
 
 
 def _from_hf_cache(repo_id: str):
