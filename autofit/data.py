@@ -140,6 +140,8 @@ def _json_samples(text: str, name: str) -> list[Sample]:
         except json.JSONDecodeError as err:
             raise DataError(f"{name} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}; "
                             "fix it, or write one JSON record per line") from None
+        except ValueError as err:  # a number of more digits than Python converts, say
+            raise DataError(f"{name} cannot be read as JSON ({str(err).splitlines()[0]}); fix it") from None
         if not records:
             raise DataError(f"{name} holds an empty JSON array; put one record per sample in it")
         return [_record_sample(record, name, f"record {i}") for i, record in enumerate(records, 1)]
@@ -152,10 +154,13 @@ def _json_samples(text: str, name: str) -> list[Sample]:
         except json.JSONDecodeError as err:
             try:  # a .json file holding one object written over several lines
                 return [_record_sample(json.loads(text), name, "record 1")]
-            except json.JSONDecodeError:
+            except ValueError:
                 pass
             raise DataError(f"{name} line {number} is not valid JSON: {err.msg} (column {err.colno}); "
                             "fix or remove that line") from None
+        except ValueError as err:  # a number of more digits than Python converts, say
+            raise DataError(f"{name} line {number} cannot be read as JSON ({str(err).splitlines()[0]}); fix or "
+                            "remove that line") from None
     return [_record_sample(record, name, f"line {number}") for number, record in records]
 
 
