@@ -283,14 +283,21 @@ class _Meter:
         self.progress(f"{self.label} [{bar}] {share:4.0%} of {fmt_bytes(self.total)} of text")
 
 
-def _pieces(text: str, size: int = _PIECE_CHARS) -> list[str]:
-    """``text`` cut into pieces of at most ``size`` characters, each cut just before a whitespace character where the
-    window has one: byte-level BPE tokenizers attach a leading space to the next word, so such cuts keep the tokens."""
+def _pieces(text: str, size: int | None = None) -> list[str]:
+    """``text`` cut into pieces of at most ``size`` characters (default ``_PIECE_CHARS``), each cut where a run of
+    whitespace starts after a word, when the window has one. Byte-level BPE pre-tokenizers (GPT-2's, Llama 3's) split
+    text into words and whitespace runs with a leading space going to the next word, and no match spans such a
+    boundary, so cutting there gives the tokens of the uncut text."""
+    size = size or _PIECE_CHARS
     pieces, start = [], 0
     while start < len(text):
         end = min(len(text), start + size)
         if end < len(text):
-            cut = max(text.rfind(" ", start + 1, end), text.rfind("\n", start + 1, end))
+            cut = end - 1
+            while cut > start and not text[cut].isspace():  # the window's last whitespace...
+                cut -= 1
+            while cut > start and text[cut - 1].isspace():  # ...back to the start of its run
+                cut -= 1
             if cut > start:
                 end = cut
         pieces.append(text[start:end])
@@ -396,8 +403,8 @@ class MeasuredLengths:
 
 
 def measure_lengths(samples: Sequence[Sample], tokenizer, *, progress: Callable[[str], None] | None = None,
-                    budget_chars: int = MEASURE_CHARS) -> MeasuredLengths:
-    """Token lengths of ``samples``, from at most ``budget_chars`` of text.
+                    budget_chars: int | None = None) -> MeasuredLengths:
+    """Token lengths of ``samples``, from at most ``budget_chars`` (default ``MEASURE_CHARS``) of text.
 
     Small data is measured whole and exactly. Larger data is measured on a seeded random subset of samples (the same
     data gives the same subset) and a sample longer than ``MEASURE_SAMPLE_CHARS`` on its start, its length scaled by
@@ -405,6 +412,7 @@ def measure_lengths(samples: Sequence[Sample], tokenizer, *, progress: Callable[
     """
     if not samples:
         raise DataError("no samples to measure; check that the data holds samples")
+    budget_chars = budget_chars or MEASURE_CHARS
     sizes = np.array([len(s) if isinstance(s, str) else len(render(s)) for s in samples], dtype=np.int64)
     capped = np.minimum(sizes, MEASURE_SAMPLE_CHARS)
     if sizes.sum() <= budget_chars and not (sizes > MEASURE_SAMPLE_CHARS).any():

@@ -128,7 +128,9 @@ def train(
         random_init=random_init, resume=resume, overwrite=overwrite, tokenizer=tokenizer, packing=packing,
         learning_rate=learning_rate, eval_steps=eval_steps, save_steps=save_steps, plan_options=plan_options,
         plan_parameters=PLAN_OPTIONS)
-    tell = progress if callable(progress) else None
+    tell = progress if callable(progress) else (lambda message: None)
+    if not isinstance(data, (list, tuple)):
+        tell(f"reading {data}")
     samples = datasets.load_samples(data) if not isinstance(data, (list, tuple)) else validate.samples(data)
     spec = models.resolve(model)
     tok = tokenizer or datasets.load_tokenizer(spec.name if spec.source != "module" else model)
@@ -137,6 +139,7 @@ def train(
             raise ModelError(f"no tokenizer for {spec.name} in a local directory or the Hugging Face cache; pass a "
                              "directory with the model's files, or --random-init to train the architecture from its "
                              "config with a tokenizer built from the data")
+        tell(f"training a tokenizer on {len(samples):,} samples")
         tok = datasets.build_tokenizer(samples)
     if random_init and len(tok) != spec.vocab_size:
         # the architecture with the data's tokenizer: its vocabulary sizes the embeddings and the head
