@@ -178,7 +178,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     p.add_argument("--seq-len", type=int, default=None, metavar="N", help="default: measured from the data")
     p.add_argument("--effective-batch", type=int, default=None, metavar="N")
-    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto")
+    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default=None, help="default: auto")
     p.add_argument("--learning-rate", type=float, default=None, metavar="LR")
     p.add_argument("--no-packing", action="store_true", help="truncate each sample instead of packing plain text")
     p.add_argument("--json", action="store_true")
@@ -376,9 +376,7 @@ def _train(args) -> int:
     from autofit import training
 
     options = {k: v for k, v in dict(seq_len=args.seq_len, effective_batch=args.effective_batch,
-                                      method=args.method).items() if v is not None}
-    if args.plan:
-        options = {}
+                                      method=args.method).items() if v is not None}  # given ones: a plan wins, said
     progress = _Progress(True) if not args.quiet and not args.json else False
     result = training.train(args.model, args.data, output_dir=args.out, plan=args.plan, gpu=args.gpu,
                             steps=args.steps, epochs=args.epochs, random_init=args.random_init, resume=args.resume,

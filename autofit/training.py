@@ -150,7 +150,9 @@ def train(
         spec = replace(models.resolve(config), name=spec.name)
     if resume and plan is None and (out / "plan.json").is_file():
         plan = out / "plan.json"  # the run continues with the knobs it started with
-        log.info("resuming with the plan in %s", plan)
+        if plan_options:
+            log.warning("resuming with the plan in %s, so %s ignored", plan, ", ".join(
+                f"{k}={v!r}" for k, v in sorted(plan_options.items())) + (" is" if len(plan_options) == 1 else " are"))
     plan = _plan(spec, plan, gpu, samples, tok, plan_options, tell)
     validate.plan_for_model(plan, spec)
     if overwrite:
