@@ -230,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     except AutofitError as err:
         if args.debug:
             raise
-        print(f"autofit: error: {err}", file=sys.stderr)
+        print("autofit: error: " + " ".join(str(err).split()), file=sys.stderr)  # one line, whatever it quotes
         return 2
     except KeyboardInterrupt as stop:
         how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"

@@ -191,7 +191,7 @@ def _record_sample(record, name: str, where: str) -> Sample:
         if extra.strip():
             text += _INPUT.format(input=extra)
         return text + _RESPONSE.format(output=output)
-    found = ", ".join(sorted(record)) or "none"
+    found = ", ".join(sorted(k if k.isprintable() else repr(k) for k in record)) or "none"
     raise DataError(f"{name} {where} has none of the fields {_RECORD_FIELDS} (it has: {found}); "
                     "rename its fields to one of those")
 

@@ -197,7 +197,6 @@ _CONFIG_INTS = {
     ("head_dim",): (1, MAX_HIDDEN),
     ("vocab_size",): (1, MAX_VOCAB),
     ("max_position_embeddings", "n_positions", "n_ctx"): (1, MAX_SEQ_LEN),
-    ("sliding_window",): (1, MAX_SEQ_LEN),
 }
 _REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "vocab_size")
 
@@ -283,7 +282,7 @@ def targets(spec, targets, *, what: str = "lora_targets") -> tuple[str, ...] | N
     for target in targets:
         if not isinstance(target, str) or not target.strip() or not target.replace("_", "").replace(".", "").isalnum():
             raise ConfigError(f"{what} must hold module names such as q_proj; got {_shown(target, typed=True)}")
-    missing = [t for t in targets if t not in module_names(spec)]
+    missing = [t for t in targets if t.rsplit(".", 1)[-1] not in module_names(spec)]  # peft matches name suffixes
     if missing:
         layers = sorted(n for n in module_names(spec) if n.endswith(("proj", "attn", "fc", "dense", "query", "key",
                                                                        "value", "c_proj", "qkv")))
@@ -668,7 +667,7 @@ def plan_for_model(plan, spec) -> None:
         if plan.lora_r > spec.hidden_size:
             raise ConfigError(f"the plan's LoRA rank {plan.lora_r} is above {spec.name}'s layer width "
                               f"{spec.hidden_size}; {again}")
-        missing = [t for t in plan.lora_targets if t not in module_names(spec)]
+        missing = [t for t in plan.lora_targets if t.rsplit(".", 1)[-1] not in module_names(spec)]
         if missing:
             raise ConfigError(f"the plan's LoRA targets {','.join(missing)} are not modules of {spec.name} (the plan "
                               f"was made for {plan.model_name}); {again}")
