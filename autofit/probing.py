@@ -273,11 +273,12 @@ def run_trial_isolated(spec, cfg, device, **kwargs) -> Trial:
                                                   initializer=simulate.quiet_worker)
     try:
         result = pool.submit(_isolated_trial, job).result()
-    except BaseException:
+    except (KeyboardInterrupt, SystemExit):
         # Ctrl-C or SIGTERM: the trial's process goes now rather than finishing its steps
         simulate.stop_workers(pool)
         raise
-    pool.shutdown(wait=True)
+    finally:
+        pool.shutdown(wait=True)
     return Trial.from_dict(result)
 
 

@@ -649,7 +649,7 @@ def run_many(jobs: list[Job], progress=None) -> list[Simulation]:
         except concurrent.futures.process.BrokenProcessPool:
             _POOL = None
             raise SimulationError("a simulation worker died; set AUTOFIT_WORKERS=1 to simulate in this process")
-        except BaseException:  # Ctrl-C or SIGTERM: the workers go with the parent
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: the workers go with the parent
             stop_workers(_POOL)
             _POOL = None
             raise
