@@ -1,20 +1,25 @@
 """The ``autofit`` command: parses arguments, calls the public API, prints tables or JSON. No logic of its own.
 
-Errors a user can act on print one line and exit 2; ``--debug`` shows the traceback instead.
+Errors a user can act on (a malformed argument included) print one line and exit 2; ``--debug`` shows the traceback
+instead. Ctrl-C (SIGINT) and SIGTERM stop a command within seconds with nothing left half-written, worker processes
+ended, and exit status 130 and 143.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import json
 import logging
 import os
 import re
+import signal
 import sys
+import threading
 from dataclasses import asdict
 
-from autofit.errors import AutofitError
+from autofit.errors import AutofitError, CacheError, Terminated
 
 # autofit.sim.simulate.PRECISIONS and their short names, spelled out so that --help needs no torch (tests/test_cli.py
 # checks they agree)
@@ -36,7 +41,15 @@ size (12GiB), or as a detected device (cuda:0); without --gpu, the detected card
 """
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with autofit's one-line errors (argparse prints its usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"autofit: error: {message}; see {self.prog} --help\n")
+
+
 def _Progress(enabled: bool):
+    """Progress on stderr: a line rewritten in place, tqdm bars for counted work (``autofit.progress.Terminal``)."""
     from autofit.progress import Terminal
 
     return Terminal(enabled)
@@ -118,10 +131,10 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="autofit", description="Fit fine-tuning to your GPU: estimate, probe and plan the memory of a training "
         "step.", epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     common.add_argument("--debug", action="store_true", help="show tracebacks and debug logs")
     common.add_argument("--quiet", action="store_true", help="no progress messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -219,14 +232,15 @@ def _parser() -> argparse.ArgumentParser:
                        help="optimizer steps; a run of N steps keeps no checkpoints unless --save-steps asks")
     bound.add_argument("--epochs", type=float, default=None, metavar="N", help="passes over the data (default: 1)")
     p.add_argument("--random-init", action="store_true", help="random weights from the config (no download)")
-    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
+    p.add_argument("--resume", action="store_true", help="continue from the last complete checkpoint in --out")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out (refused otherwise)")
     p.add_argument("--save-steps", type=int, default=None, metavar="N",
                    help="keep a checkpoint (with optimizer state, for --resume) every N steps (default: twice per run "
                    "bounded by --epochs, none for --steps)")
     p.add_argument("--seq-len", type=int, default=None, metavar="N", help=SEQ_LEN_HELP)
     p.add_argument("--effective-batch", type=_effective_batch, default=None, metavar="N|max",
                    help=EFFECTIVE_BATCH_HELP)
-    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default="auto", help=METHOD_HELP)
+    p.add_argument("--method", choices=("auto", "full", "lora", "qlora"), default=None, help=METHOD_HELP)
     p.add_argument("--eval-batch", type=int, default=None, metavar="N", help=EVAL_BATCH_HELP)
     p.add_argument("--reserved-by-others", default=None, metavar="SIZE", help=RESERVED_HELP)
     p.add_argument("--learning-rate", type=float, default=None, metavar="LR")
@@ -263,27 +277,52 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Runs the command line ``argv``; returns the exit status."""
+    """Runs the command line ``argv``; returns the exit status (0, 2 for an error, 130 / 143 when interrupted)."""
     parser = _parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as stop:  # --help, or a malformed argument (printed on one line)
+        return stop.code if isinstance(stop.code, int) else 2
     if args.command is None:
         parser.print_help()
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="autofit: %(levelname)s: %(message)s")
     try:
-        return args.handler(args)
+        with _sigterm_raises():
+            return args.handler(args)
     except AutofitError as err:
         if args.debug:
             raise
-        print(f"autofit: error: {as_flags(str(err))}", file=sys.stderr)
+        print("autofit: error: " + as_flags(" ".join(str(err).split())), file=sys.stderr)  # one line, in flags
         return 2
-    except KeyboardInterrupt:
-        print("autofit: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:
+        how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
+        after = "; autofit train ... --resume continues from the last complete checkpoint" \
+            if args.command == "train" else ""
+        print(f"autofit: {how}: stopped with no file half-written{after}", file=sys.stderr)
+        return 143 if isinstance(stop, Terminated) else 130
     except BrokenPipeError:  # output piped into a reader that stopped early (head): not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+@contextlib.contextmanager
+def _sigterm_raises():
+    """SIGTERM raises ``Terminated`` (a KeyboardInterrupt) as Ctrl-C raises KeyboardInterrupt, so that every
+    ``finally`` runs: staged checkpoints are removed, worker processes ended, nothing is left half-written."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread only
+        yield
+        return
+
+    def handler(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def entry() -> None:
@@ -297,7 +336,10 @@ def _print_json(obj) -> None:
 # -- handlers ----------------------------------------------------------------------------------------------------------
 def _estimate(args) -> int:
     from autofit import memory as est
+    from autofit import validate
 
+    if args.plot:
+        validate.file_path(args.plot, what="--plot")
     progress = _Progress(not args.quiet and not args.json)
     if args.run:
         return _estimate_run(args, progress)
@@ -352,10 +394,12 @@ def _estimate_run(args, progress) -> int:
 
 def _probe(args) -> int:
     from autofit import gpu as gpus
-    from autofit import planner
+    from autofit import planner, validate
 
     if args.no_cache:
         os.environ["AUTOFIT_CACHE"] = "off"
+    if args.out:
+        validate.file_path(args.out)  # before minutes of planning, not after
     if args.gpu is None and not gpus.detect():
         raise AutofitError("no CUDA GPU detected, so there is no card to probe; plan for the card you will train on "
                            "with --gpu, e.g. autofit probe MODEL --gpu rtx3060 (autofit gpus lists the names)")
@@ -435,13 +479,12 @@ def _train(args) -> int:
 
     options = {k: v for k, v in dict(seq_len=args.seq_len, effective_batch=args.effective_batch,
                                       method=args.method, eval_batch_size=args.eval_batch,
-                                      reserved_by_others=args.reserved_by_others).items() if v is not None}
-    if args.plan:
-        options = {}
+                                      reserved_by_others=args.reserved_by_others).items()
+               if v is not None}  # given ones: a plan wins, and says so
     result = training.train(args.model, args.data, output_dir=args.out, plan=args.plan, gpu=args.gpu,
                             steps=args.steps, epochs=args.epochs, random_init=args.random_init, resume=args.resume,
-                            learning_rate=args.learning_rate, packing=False if args.no_packing else None,
-                            save_steps=args.save_steps,
+                            overwrite=args.overwrite, learning_rate=args.learning_rate,
+                            packing=False if args.no_packing else None, save_steps=args.save_steps,
                             progress=not args.quiet and not args.json, **options)
     if args.json:
         from dataclasses import asdict
@@ -466,21 +509,33 @@ def _cache(args) -> int:
     root = calibration.cache_root()
     if root is None:
         raise AutofitError("the cache is off (AUTOFIT_CACHE=off); unset it to use one")
-    store = calibration.Store()
+    try:
+        store, problem = calibration.Store(), None
+    except CacheError as err:
+        if args.action == "clear":
+            raise CacheError(f"cannot clear the cache: {err}") from None
+        store, problem = None, str(err)
     sims = simulate.cache_dir()
-    sim_files = sorted(sims.glob("*.npz")) if sims and sims.exists() else []
+    sim_files = sorted(sims.glob("*.npz")) if sims and sims.is_dir() else []
     if args.action == "clear":
         n = store.clear()
-        if sims and sims.parent.exists():
-            shutil.rmtree(sims.parent)
+        if sims and sims.parent.is_dir():
+            try:
+                shutil.rmtree(sims.parent)
+            except OSError as err:
+                raise CacheError(f"cleared {n} calibration(s) but not the simulations in {sims.parent} "
+                                 f"({err.strerror or err}); make the folder writable") from None
         (root / gpus.HOST_SPEED_FILE).unlink(missing_ok=True)  # the CPU is measured again on its next plan
         print(f"cleared {n} calibration(s), the probe studies and {len(sim_files)} cached simulation(s) in {root}")
         return 0
-    entries = store.entries()
+    entries = store.entries() if store is not None else []
     if args.json:
-        _print_json({"path": str(store.path), "calibrations": entries, "simulations": len(sim_files)})
+        _print_json({"path": str(store.path if store else calibration.database_path()), "usable": store is not None,
+                     "problem": problem, "read_only": bool(store and store.readonly), "calibrations": entries,
+                     "simulations": len(sim_files)})
         return 0
-    print(f"cache: {root}")
+    print(f"cache: {root}" + (f" (not usable: {problem}; autofit runs without it)" if problem else "")
+          + (" (read-only: calibrations are read, not recorded)" if store is not None and store.readonly else ""))
     print(f"  {len(sim_files)} cached simulations ({sum(f.stat().st_size for f in sim_files) / 2**20:.1f} MiB)")
     print(f"  {len(entries)} calibrations (measured / estimated peak reserved memory):")
     for e in entries:
@@ -492,11 +547,14 @@ def _cache(args) -> int:
 
 def _inspect(args) -> int:
     from autofit import model as models
+    from autofit import validate
 
     spec = models.resolve(args.model)
-    method = args.method or ("lora" if args.lora_r or args.lora_targets else "full")
+    method = args.method or ("lora" if args.lora_r is not None or args.lora_targets is not None else "full")
+    lora_r = 16 if args.lora_r is None else args.lora_r
+    validate.knobs(spec, method=method, lora_r=lora_r, lora_targets=args.lora_targets)
     counts = models.count_params(spec, method=method, quantization="4bit" if method == "qlora" else "none",
-                                 lora_r=args.lora_r or 16, lora_targets=args.lora_targets)
+                                 lora_r=lora_r, lora_targets=args.lora_targets)
     info = {
         "name": spec.name, "source": spec.source, "model_type": spec.model_type, "method": method,
         "total_params": counts.total, "trainable_params": counts.trainable, "params_by_dtype": dict(counts.by_dtype),
@@ -506,7 +564,7 @@ def _inspect(args) -> int:
         "tied_embeddings": spec.tied_embeddings, "lora_targets": list(args.lora_targets or spec.lora_targets),
     }
     if method != "full":
-        info["lora_r"] = args.lora_r or 16
+        info["lora_r"] = lora_r
     if args.json:
         _print_json(info)
         return 0

@@ -13,16 +13,18 @@ import json
 import logging
 import math
 import os
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from autofit import validate
 from autofit.errors import ConfigError, DataError, ModelError
-from autofit.progress import counted, stage
 from autofit.sim.arch import ModelSpec
+from autofit.units import fmt_bytes
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,21 @@ _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.tx
 
 # Texts per call to a fast tokenizer: large enough for its Rust threads to pay off, small enough to bound memory.
 _BATCH = 1024
+# Characters per call, and the longest piece of one sample encoded at once. Encoding a 46 MB one-line file in one call
+# took 67 s and 9 GB (the encoding keeps every token's string and offsets); cut at whitespace into 64 KiB pieces, 1 MiB
+# per call, it takes half the time in 0.7 GB and reports progress as it goes (measured on 2 CPU cores).
+_CHUNK_CHARS = 1 << 20
+_PIECE_CHARS = 1 << 16
+# Planning measures lengths on at most MEASURE_CHARS of text: a seeded random subset of the samples when the data is
+# larger, and each sample longer than MEASURE_SAMPLE_CHARS measured on its start and scaled by its length. Lengths
+# past 256 KiB of text (some 64K tokens) are beyond most models' positions: they only need to be known as long.
+MEASURE_CHARS = 4 << 20
+MEASURE_SAMPLE_CHARS = 1 << 18
+# build_tokenizer trains on at most this much text (a seeded random subset): 4 MiB trains in about 4 s.
+TOKENIZER_CHARS = 4 << 20
+# Progress is reported for data of at least this much text, at most every PROGRESS_SECONDS.
+PROGRESS_CHARS = 1 << 20
+PROGRESS_SECONDS = 0.5
 
 # Special tokens of the tokenizers build_tokenizer trains.
 BOS, EOS, PAD, UNK = "<s>", "</s>", "<pad>", "<unk>"
@@ -72,8 +89,9 @@ def load_samples(path: str | os.PathLike) -> list[Sample]:
       ``"### Instruction:\\n...\\n\\n### Input:\\n...\\n\\n### Response:\\n..."``, the Input section left out
       when there is no input.
 
-    A record that is a bare JSON string is a text sample. Raises ``DataError`` for a missing, empty, undecodable or
-    unrecognised file, and for a record with none of the fields above (naming its line, or its index in an array).
+    A record that is a bare JSON string is a text sample. Blank samples are dropped with a warning. Raises
+    ``DataError`` for a missing, empty, all-blank, undecodable or unrecognised file, and for a record with none of the
+    fields above (naming its line, or its index in an array).
     """
     path = Path(path)
     suffix = path.suffix.lower()
@@ -91,9 +109,13 @@ def load_samples(path: str | os.PathLike) -> list[Sample]:
         raise DataError(f"cannot read {path}: {err.strerror}; check its permissions") from None
     if not text.strip():
         raise DataError(f"{path.name} is empty; put one sample per record (or per paragraph) in it")
-    samples = _text_samples(text) if suffix in TEXT_SUFFIXES else _json_samples(text, path.name)
+    try:
+        samples = _text_samples(text) if suffix in TEXT_SUFFIXES else _json_samples(text, path.name)
+    except RecursionError:
+        raise DataError(f"{path.name} nests JSON deeper than Python can read; give each record a flat text, chat, "
+                        "prompt/completion or instruction/output field") from None
     log.debug("read %d samples from %s", len(samples), path)
-    return samples
+    return validate.samples(samples, path.name)
 
 
 def _text_samples(text: str) -> list[str]:
@@ -118,6 +140,8 @@ def _json_samples(text: str, name: str) -> list[Sample]:
         except json.JSONDecodeError as err:
             raise DataError(f"{name} is not valid JSON: {err.msg} at line {err.lineno} column {err.colno}; "
                             "fix it, or write one JSON record per line") from None
+        except ValueError as err:  # a number of more digits than Python converts, say
+            raise DataError(f"{name} cannot be read as JSON ({str(err).splitlines()[0]}); fix it") from None
         if not records:
             raise DataError(f"{name} holds an empty JSON array; put one record per sample in it")
         return [_record_sample(record, name, f"record {i}") for i, record in enumerate(records, 1)]
@@ -130,10 +154,13 @@ def _json_samples(text: str, name: str) -> list[Sample]:
         except json.JSONDecodeError as err:
             try:  # a .json file holding one object written over several lines
                 return [_record_sample(json.loads(text), name, "record 1")]
-            except json.JSONDecodeError:
+            except ValueError:
                 pass
             raise DataError(f"{name} line {number} is not valid JSON: {err.msg} (column {err.colno}); "
                             "fix or remove that line") from None
+        except ValueError as err:  # a number of more digits than Python converts, say
+            raise DataError(f"{name} line {number} cannot be read as JSON ({str(err).splitlines()[0]}); fix or "
+                            "remove that line") from None
     return [_record_sample(record, name, f"line {number}") for number, record in records]
 
 
@@ -164,7 +191,7 @@ def _record_sample(record, name: str, where: str) -> Sample:
         if extra.strip():
             text += _INPUT.format(input=extra)
         return text + _RESPONSE.format(output=output)
-    found = ", ".join(sorted(record)) or "none"
+    found = ", ".join(sorted(k if k.isprintable() else repr(k) for k in record)) or "none"
     raise DataError(f"{name} {where} has none of the fields {_RECORD_FIELDS} (it has: {found}); "
                     "rename its fields to one of those")
 
@@ -238,40 +265,185 @@ def _has_template(tokenizer) -> bool:
     return tokenizer is not None and bool(getattr(tokenizer, "chat_template", None))
 
 
-def _encode(samples: Sequence[Sample], tokenizer, progress=None) -> list[list[int]]:
+class _Meter:
+    """Reports how much of the text a long job has done, as a bar, at most every ``PROGRESS_SECONDS``."""
+
+    def __init__(self, progress: Callable[[str], None] | None, total: int, label: str) -> None:
+        self.progress = progress if progress is not None and total >= PROGRESS_CHARS else None
+        self.total, self.label, self.done, self.last = max(total, 1), label, 0, 0.0
+
+    def add(self, chars: int) -> None:
+        self.done += chars
+        now = time.monotonic()
+        if self.progress is None or (now - self.last < PROGRESS_SECONDS and self.done < self.total):
+            return
+        self.last = now
+        share = min(1.0, self.done / self.total)
+        bar = "#" * round(20 * share) + "-" * (20 - round(20 * share))
+        self.progress(f"{self.label} [{bar}] {share:4.0%} of {fmt_bytes(self.total)} of text")
+
+
+def _pieces(text: str, size: int | None = None) -> list[str]:
+    """``text`` cut into pieces of at most ``size`` characters (default ``_PIECE_CHARS``), each cut where a run of
+    whitespace starts after a word, when the window has one. Byte-level BPE pre-tokenizers (GPT-2's, Llama 3's) split
+    text into words and whitespace runs with a leading space going to the next word, and no match spans such a
+    boundary, so cutting there gives the tokens of the uncut text."""
+    size = size or _PIECE_CHARS
+    pieces, start = [], 0
+    while start < len(text):
+        end = min(len(text), start + size)
+        if end < len(text):
+            cut = end - 1
+            while cut > start and not text[cut].isspace():  # the window's last whitespace...
+                cut -= 1
+            while cut > start and text[cut - 1].isspace():  # ...back to the start of its run
+                cut -= 1
+            if cut > start:
+                end = cut
+        pieces.append(text[start:end])
+        start = end
+    return pieces
+
+
+def _affixes(tokenizer) -> tuple[list[int], list[int]]:
+    """The special tokens ``tokenizer`` adds before and after a text (a Llama BOS; nothing for GPT-2)."""
+    bare = tokenizer("a", add_special_tokens=False)["input_ids"]
+    full = tokenizer("a", add_special_tokens=True)["input_ids"]
+    for start in range(len(full) - len(bare) + 1):
+        if full[start:start + len(bare)] == bare:
+            return list(full[:start]), list(full[start + len(bare):])
+    return [], []
+
+
+def _encode_long(text: str, tokenizer, add_special: bool, meter: _Meter, limit: int | None) -> list[int]:
+    """The tokens of one long text, encoded in pieces; with ``limit``, only until more than ``limit`` are known."""
+    out: list[int] = []
+    pieces = _pieces(text)
+    per_call = max(1, _CHUNK_CHARS // _PIECE_CHARS)
+    for start in range(0, len(pieces), per_call):
+        batch = pieces[start:start + per_call]
+        encoded = tokenizer(batch, add_special_tokens=False, return_attention_mask=False, verbose=False)
+        for row in encoded["input_ids"]:
+            out.extend(row)
+        meter.add(sum(map(len, batch)))
+        if limit is not None and len(out) > limit:
+            meter.add(len(text) - sum(map(len, pieces[:start + per_call])))
+            break
+    if add_special:
+        before, after = _affixes(tokenizer)
+        out = before + out + after
+    return out
+
+
+def _encode(samples: Sequence[Sample], tokenizer, *, progress: Callable[[str], None] | None = None,
+            label: str = "tokenizing", limit: int | None = None) -> list[list[int]]:
     """Token ids of each rendered sample, with special tokens as the tokenizer adds them.
 
     Chats rendered by a chat template are the exception: templates write their own special tokens (a Llama 3
-    template starts with ``<|begin_of_text|>``), so adding them again would count the BOS twice.
+    template starts with ``<|begin_of_text|>``), so adding them again would count the BOS twice. Samples go to the
+    tokenizer in calls of at most ``_BATCH`` texts and ``_CHUNK_CHARS`` characters; a sample longer than
+    ``_PIECE_CHARS`` is encoded in pieces cut at whitespace (with ``limit``, only until it has more than ``limit``
+    tokens: enough to know it will be truncated). ``progress`` hears how far it got.
     """
     templated = _has_template(tokenizer)
-    chats = [i for i, s in enumerate(samples) if templated and not isinstance(s, str)]
-    plain = sorted(set(range(len(samples))).difference(chats))
+    texts = [render(sample, tokenizer) for sample in samples]
+    special = [not (templated and not isinstance(sample, str)) for sample in samples]
+    meter = _Meter(progress, sum(map(len, texts)), label)
     ids: list[list[int] | None] = [None] * len(samples)
-    chunks = -(-len(plain) // _BATCH) + -(-len(chats) // _BATCH)
-    # a count with the time left only where tokenizing takes a while (several chunks of samples)
-    work = counted(progress, chunks, f"tokenizing {len(samples):,} samples") if chunks > 2 else None
-    for indices, add_special in ((plain, True), (chats, False)):
-        for start in range(0, len(indices), _BATCH):
-            stage(work, f"samples {start + 1:,} to {min(start + _BATCH, len(indices)):,}")
-            chunk = indices[start:start + _BATCH]
-            texts = [render(samples[i], tokenizer) for i in chunk]
-            # verbose=False: no "longer than the model's maximum" warning; measuring long samples is the point
-            encoded = tokenizer(texts, add_special_tokens=add_special, return_attention_mask=False, verbose=False)
-            for i, row in zip(chunk, encoded["input_ids"]):
-                ids[i] = row
-    if work is not None:
-        work.close()
+
+    def run(chunk: list[int], add_special: bool) -> None:
+        # verbose=False: no "longer than the model's maximum" warning; measuring long samples is the point
+        encoded = tokenizer([texts[i] for i in chunk], add_special_tokens=add_special, return_attention_mask=False,
+                            verbose=False)
+        for i, row in zip(chunk, encoded["input_ids"]):
+            ids[i] = row
+        meter.add(sum(len(texts[i]) for i in chunk))
+
+    long = []
+    for add_special in (True, False):
+        chunk, chars = [], 0
+        for i in range(len(samples)):
+            if special[i] != add_special:
+                continue
+            if len(texts[i]) > _PIECE_CHARS:
+                long.append(i)
+                continue
+            chunk.append(i)
+            chars += len(texts[i])
+            if len(chunk) >= _BATCH or chars >= _CHUNK_CHARS:
+                run(chunk, add_special)
+                chunk, chars = [], 0
+        if chunk:
+            run(chunk, add_special)
+    for i in long:
+        ids[i] = _encode_long(texts[i], tokenizer, special[i], meter, limit)
     return ids
 
 
-def token_lengths(samples: Sequence[Sample], tokenizer, progress=None) -> np.ndarray:
+def token_lengths(samples: Sequence[Sample], tokenizer, *,
+                  progress: Callable[[str], None] | None = None) -> np.ndarray:
     """Tokens in each rendered sample (int64, one per sample), special tokens included as the tokenizer adds them.
 
     Chats rendered by a chat template are tokenized without adding special tokens, since the template already
     wrote them. ``tokenize`` appends an EOS where the tokenizer adds none, so a training item can be one longer.
     """
-    return np.array([len(row) for row in _encode(samples, tokenizer, progress)], dtype=np.int64)
+    rows = _encode(samples, tokenizer, progress=progress, label="measuring lengths")
+    return np.array([len(row) for row in rows], dtype=np.int64)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class MeasuredLengths:
+    """Token lengths for choosing a sequence length: every sample's, or a bounded sample's when the data is large."""
+
+    lengths: np.ndarray  # int64 tokens per measured sample
+    measured: int  # samples measured
+    samples: int  # samples in the data
+    scaled: int  # samples longer than MEASURE_SAMPLE_CHARS, measured on their start and scaled by their length
+    note: str  # "" when exact, else what was measured ("; measured on ..."), for a plan's reasons
+
+
+def measure_lengths(samples: Sequence[Sample], tokenizer, *, progress: Callable[[str], None] | None = None,
+                    budget_chars: int | None = None) -> MeasuredLengths:
+    """Token lengths of ``samples``, from at most ``budget_chars`` (default ``MEASURE_CHARS``) of text.
+
+    Small data is measured whole and exactly. Larger data is measured on a seeded random subset of samples (the same
+    data gives the same subset) and a sample longer than ``MEASURE_SAMPLE_CHARS`` on its start, its length scaled by
+    the share of its text measured; ``note`` says so. Raises ``DataError`` for no samples.
+    """
+    if not samples:
+        raise DataError("no samples to measure; check that the data holds samples")
+    budget_chars = budget_chars or MEASURE_CHARS
+    sizes = np.array([len(s) if isinstance(s, str) else len(render(s)) for s in samples], dtype=np.int64)
+    capped = np.minimum(sizes, MEASURE_SAMPLE_CHARS)
+    if sizes.sum() <= budget_chars and not (sizes > MEASURE_SAMPLE_CHARS).any():
+        lengths = token_lengths(samples, tokenizer, progress=progress)
+        return MeasuredLengths(lengths=lengths, measured=len(samples), samples=len(samples), scaled=0, note="")
+    order = np.random.default_rng(0).permutation(len(samples))
+    used = np.cumsum(capped[order])
+    chosen = np.sort(order[: max(1, int(np.searchsorted(used, budget_chars, side="right")))])
+    heads, scale = [], []
+    for i in chosen:
+        sample = samples[i]
+        if isinstance(sample, str) and sizes[i] > MEASURE_SAMPLE_CHARS:
+            heads.append(sample[:MEASURE_SAMPLE_CHARS])
+            scale.append(sizes[i] / MEASURE_SAMPLE_CHARS)
+        else:
+            heads.append(sample)
+            scale.append(1.0)
+    counted = token_lengths(heads, tokenizer, progress=progress)
+    lengths = np.rint(counted * np.array(scale)).astype(np.int64)
+    scaled = sum(1 for f in scale if f != 1.0)
+    parts = []
+    if len(chosen) < len(samples):
+        parts.append(f"measured on a seeded random {len(chosen):,} of {len(samples):,} samples "
+                     f"({fmt_bytes(int(capped[chosen].sum()))} of {fmt_bytes(int(sizes.sum()))} of text), as the data "
+                     "is large")
+    if scaled:
+        parts.append(f"{scaled:,} sample(s) longer than {fmt_bytes(MEASURE_SAMPLE_CHARS)} of text measured on their "
+                     "start and scaled by their length")
+    note = "; " + "; ".join(parts)
+    log.info("lengths %s", note[2:])
+    return MeasuredLengths(lengths=lengths, measured=len(chosen), samples=len(samples), scaled=scaled, note=note)
 
 
 # -- choosing a sequence length ----------------------------------------------------------------------------------------
@@ -399,7 +571,8 @@ def build_tokenizer(samples: Sequence[Sample], *, vocab_size: int = 2048):
 
     For demos and tests that must not download anything. Any text round-trips through it, since every byte has a
     token. It has ``<s>`` (bos), ``</s>`` (eos), ``<pad>`` and ``<unk>`` tokens and adds none of them when it
-    encodes, as GPT-2 does; ``tokenize`` appends the EOS. The same samples give the same tokenizer. Returns a
+    encodes, as GPT-2 does; ``tokenize`` appends the EOS. The same samples give the same tokenizer. Data of more than
+    ``TOKENIZER_CHARS`` trains it on a seeded random share of that size, so a large file starts in seconds. Returns a
     ``transformers.PreTrainedTokenizerFast``; raises ``DataError`` when there are no samples.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -408,6 +581,15 @@ def build_tokenizer(samples: Sequence[Sample], *, vocab_size: int = 2048):
     texts = [render(sample) for sample in samples]
     if not texts:
         raise DataError("no samples to train a tokenizer on; check that the data file holds samples")
+    if sum(map(len, texts)) > TOKENIZER_CHARS:  # a seeded random share of the text: the tokenizer trains in seconds
+        order = np.random.default_rng(0).permutation(len(texts))
+        kept, room = [], TOKENIZER_CHARS
+        for i in order:
+            if room <= 0:
+                break
+            kept.append(texts[i][:room])
+            room -= len(kept[-1])
+        texts = kept
     specials = [EOS, PAD, BOS, UNK]
     if vocab_size < 256 + len(specials):
         raise ConfigError(f"vocab_size must be at least {256 + len(specials)} (every byte plus the special tokens); "
@@ -449,7 +631,8 @@ class TokenizedDataset(torch.utils.data.Dataset):
                 f"tokens={int(self.lengths.sum())}, truncated={self.truncated})")
 
 
-def tokenize(samples: Sequence[Sample], tokenizer, *, seq_len: int, packing: bool, progress=None) -> TokenizedDataset:
+def tokenize(samples: Sequence[Sample], tokenizer, *, seq_len: int, packing: bool,
+             progress: Callable[[str], None] | None = None) -> TokenizedDataset:
     """Training items of at most ``seq_len`` tokens from ``samples``.
 
     Each sample is tokenized as ``token_lengths`` measures it, then ends with the EOS (appended unless the tokenizer
@@ -457,14 +640,15 @@ def tokenize(samples: Sequence[Sample], tokenizer, *, seq_len: int, packing: boo
     cut. With packing, all samples are concatenated and cut into blocks of exactly ``seq_len``; the remainder that
     does not fill a block is dropped, unless it is the only block, and ``truncated`` counts the samples that lost
     tokens to that drop. Raises ``DataError`` for ``seq_len < 2`` (a causal LM predicts each token from the ones
-    before it), a tokenizer without an EOS, or no tokens at all.
+    before it), a tokenizer without an EOS, or no tokens at all. ``progress`` hears how far tokenizing got.
     """
     if seq_len < 2:
         raise DataError(f"seq_len must be at least 2 to train on next-token prediction; got {seq_len}")
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is None:
         raise DataError("the tokenizer has no EOS token to end samples with; set tokenizer.eos_token")
-    rows = [row if row and row[-1] == eos else row + [eos] for row in _encode(samples, tokenizer, progress)]
+    encoded = _encode(samples, tokenizer, progress=progress, limit=None if packing else seq_len)
+    rows = [row if row and row[-1] == eos else row + [eos] for row in encoded]
     if packing:
         sequences, truncated = _pack(rows, seq_len)
     else:

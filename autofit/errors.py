@@ -43,3 +43,12 @@ class DataError(AutofitError):
 
 class ProbeError(AutofitError):
     """A probe that cannot run: no CUDA device, or memory that does not return to its baseline."""
+
+
+class CacheError(AutofitError):
+    """The cache cannot be used (a read-only or mistyped path, a database another process holds locked): autofit runs
+    without it."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so that every ``finally`` runs and nothing is left half-written (exit status 143)."""

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from autofit import validate
 from autofit.errors import DoesNotFitError
 from autofit.probing import is_oom
 
@@ -125,9 +126,10 @@ def _split(inputs: dict, pieces: int) -> list[dict]:
 
 def guard(trainer) -> Guard:
     """Installs the guard on a ``transformers.Trainer`` (its ``training_step``, plus a callback that closes each
-    accumulation window when the optimizer steps) and returns it."""
+    accumulation window when the optimizer steps) and returns it. Raises ``ConfigError`` for anything but a Trainer."""
     from transformers import TrainerCallback
 
+    validate.trainer(trainer)
     state = Guard(trainer)
 
     class _WindowCallback(TrainerCallback):

@@ -32,6 +32,7 @@ import torch
 
 from autofit import gpu as gpus
 from autofit import model as models
+from autofit import validate
 from autofit.errors import ConfigError, SimulationError
 from autofit.sim import allocator, simulate
 from autofit.sim.simulate import (BACKWARD, CATEGORY_NAMES, FORWARD, HEAD, HOST, OPTIMIZE, OPTIMIZER, Simulation,
@@ -776,13 +777,15 @@ def estimate(
     """
     spec = models.resolve(model)
     card = gpus.resolve(gpu)
+    validate.estimate_inputs(spec, card, batch_size=batch_size, seq_len=seq_len, method=method, precision=precision,
+                             quantization=quantization, gradient_checkpointing=gradient_checkpointing,
+                             optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                             lora_targets=lora_targets, max_grad_norm=max_grad_norm,
+                             expandable_segments=expandable_segments)
     cfg = step_config(card, method=method, precision=precision, quantization=quantization,
                       gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, lora_r=lora_r,
                       lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
                       max_grad_norm=max_grad_norm)
-    if batch_size <= 0:
-        raise ConfigError(f"batch size must be positive; got {batch_size}")
-    spec.check_seq_len(seq_len)
     try:
         result = simulate_point(spec, cfg, batch_size=batch_size, seq_len=seq_len,
                                 expandable_segments=expandable_segments, progress=progress)

@@ -22,6 +22,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 
+from autofit import validate
 from autofit.errors import ModelError
 from autofit.sim import kbit
 from autofit.sim.arch import ModelSpec, apply_lora, build, lora_targets, unique_params, with_layers
@@ -97,6 +98,7 @@ def resolve(ref) -> ModelSpec:
         return _spec(getattr(ref, "_name_or_path", "") or ref.model_type, copy.deepcopy(ref), source="config")
     if not isinstance(ref, (str, os.PathLike)):
         raise ModelError(f"cannot read a model reference of type {type(ref).__name__}; pass a name, path or model")
+    validate.model_ref(ref)
     text = os.fspath(ref).strip()
     if not text:
         raise ModelError("empty model name; pass a model name such as distilgpt2, or a directory with config.json")
@@ -125,14 +127,20 @@ def resolve(ref) -> ModelSpec:
 def _load_config(path: Path):
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ModelError(f"cannot read {path}: {err}") from None
-    if "model_type" not in data:
-        raise ModelError(f"{path} has no model_type; it is not a transformers config")
+    except OSError as err:
+        raise ModelError(f"cannot read {path}: {err.strerror}; check its permissions") from None
+    except (ValueError, RecursionError) as err:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ModelError(f"{path} is not valid JSON ({str(err).splitlines()[0][:120]}); fix or replace it") from None
+    validate.config_data(data, str(path))
     try:
         return _config_from_dict(data)
-    except (KeyError, ValueError) as err:
+    except KeyError as err:
         raise ModelError(f"{path}: transformers does not know model_type {data['model_type']!r} ({err})") from None
+    except Exception as err:  # noqa: BLE001 - transformers' own checks of a config raise many types; one line each
+        lines = str(err).strip().splitlines() or [type(err).__name__]
+        why = " ".join(line.strip() for line in lines[:2])
+        raise ModelError(f"{path}: transformers rejects this config ({why[:160]}); fix it, or pass a catalog name "
+                         "(autofit models)") from None
 
 
 def _from_hf_cache(repo_id: str):
@@ -168,6 +176,7 @@ def _shape(config) -> dict:
 def _spec(name: str, config, *, source: str, module: nn.Module | None = None) -> ModelSpec:
     from transformers import AutoModelForCausalLM  # noqa: F401  (import errors surface here, not mid-plan)
 
+    validate.model_config(config, name)
     try:
         shape = _shape(config)
         num_layers = config.num_hidden_layers

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from autofit import calibration, data, memory, probing, runs
+from autofit import calibration, data, memory, probing, runs, validate
 from autofit.progress import counted, stage
 from autofit import gpu as gpus
 from autofit import model as models
@@ -262,6 +262,10 @@ def plan(
         reasons.append(f"{fmt_bytes(card.used_by_others_bytes)} of the card assumed held by the display and desktop "
                        "programs (a desktop GeForce card usually drives the screen); pass reserved_by_others=0 for a "
                        "headless card, or what nvidia-smi shows in use")
+    validate.plan_inputs(spec, card, seq_len=seq_len, effective_batch=effective_batch, method=method, dataset=dataset,
+                         tokenizer=tokenizer, margin=margin, precision=precision, optimizer=optimizer,
+                         quantization=quantization, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                         lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing, probe=probe)
     allowed = budget(card, margin)
     if card.source == "host" and margin is None:
         reasons.append(f"budget {fmt_bytes(allowed)}: {HOST_RAM_SHARE:.0%} of the {fmt_bytes(card.free_bytes)} of RAM "
@@ -437,16 +441,17 @@ def _sequence_length(spec, seq_len, dataset, tokenizer, reasons, progress=None):
         reasons.append(f"sequence length {seq_len} as asked")
         return seq_len, "user", None, None
     if dataset is not None:
-        samples = data.load_samples(dataset) if not isinstance(dataset, (list, tuple)) else list(dataset)
+        samples = data.load_samples(dataset) if not isinstance(dataset, (list, tuple)) else validate.samples(dataset)
         tok = tokenizer or data.load_tokenizer(spec.name)
         if tok is None:
             raise ConfigError(f"no tokenizer for {spec.name} in a local directory or the Hugging Face cache; pass "
                               "tokenizer=... or seq_len=...")
-        lengths = data.token_lengths(samples, tok, progress=progress)
+        measured = data.measure_lengths(samples, tok, progress=progress)
+        lengths = measured.lengths
         choice = data.choose_seq_len(lengths, max_positions=spec.max_positions)
         reasons.append(f"sequence length {choice.seq_len}: the {choice.percentile:g}th percentile of {choice.samples} "
                        f"samples is {choice.percentile_tokens} tokens (longest {choice.max_tokens}), rounded up to a "
-                       f"multiple of 64; {choice.truncated_share:.1%} of samples truncated")
+                       f"multiple of 64; {choice.truncated_share:.1%} of samples truncated{measured.note}")
         return choice.seq_len, "data", choice.truncated_share, lengths
     seq = min(DEFAULT_SEQ_LEN, spec.max_positions or DEFAULT_SEQ_LEN)
     reasons.append(f"sequence length {seq} by default (pass seq_len=N, or a dataset to measure it)")
@@ -928,7 +933,9 @@ def _calibration(spec, cfg: StepConfig, card) -> tuple[float, int]:
     if calibration.cache_root() is None:
         return 1.0, 0
     try:
-        store = calibration.Store()
+        store = calibration.open_store()  # None, said once, when the cache cannot be used
+        if store is None:
+            return 1.0, 0
         found = store.ratio(calibration.Key.of(spec, card.name, cfg))
         store.close()
     except Exception as err:  # an unusable cache never stops a plan
@@ -1063,6 +1070,7 @@ def fit_table(gpu, *, method: str = "auto", seq_len: int | None = None,
               reserved_by_others: int | str | None = None) -> list[dict]:
     """For every catalog model (or ``names``), the best plan on ``gpu`` or why none fits (``reason``: the whole
     answer; ``binding`` and ``ways_out``: its parts). ``progress`` hears the count, the time elapsed and what is left."""
+    validate.fit_inputs(_card(gpu, []), method=method, seq_len=seq_len, names=names)
     rows = []
     names = list(names or models.catalog_names())
     work = counted(progress, len(names), "planning models")

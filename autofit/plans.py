@@ -8,6 +8,7 @@ import json
 from dataclasses import asdict, dataclass
 
 from autofit import gpu as gpus
+from autofit import validate
 from autofit.errors import ConfigError
 from autofit.memory import MemoryEstimate
 from autofit.runs import RunEstimate
@@ -102,8 +103,7 @@ class Plan:
     trainable_params: int | None = None
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1 or self.grad_accum < 1 or self.eval_batch_size < 1:
-            raise ConfigError("batch_size, grad_accum and eval_batch_size must be at least 1")
+        validate.plan_fields(self)
         if self.batch_size * self.grad_accum != self.effective_batch:
             raise ConfigError(f"batch_size x grad_accum must equal effective_batch ({self.batch_size} x "
                               f"{self.grad_accum} != {self.effective_batch})")
@@ -215,29 +215,38 @@ class Plan:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Plan":
-        data = dict(data)
-        gpu = dict(data["gpu"])
-        if gpu.get("compute_capability") is not None:
-            gpu["compute_capability"] = tuple(gpu["compute_capability"])
-        data["gpu"] = gpus.GpuInfo(**gpu)
-        data["precision"] = simulate.precision_name(data["precision"])  # plans written before "-mixed"/"-true"
-        data["estimate"] = MemoryEstimate.from_dict(data["estimate"])
-        data["lora_targets"] = tuple(data["lora_targets"]) if data.get("lora_targets") else None
-        data["reasons"] = tuple(data["reasons"])
-        trials = data.get("trials") or ()
-        if trials:
-            trials = tuple(Trial.from_dict(t) for t in trials)
-        data["trials"] = tuple(trials)
-        data["alternatives"] = tuple(data.get("alternatives") or ())
-        data["run"] = RunEstimate.from_dict(data["run"]) if data.get("run") else None
-        return cls(**data)
+        """The plan ``to_dict`` wrote. Raises ``ConfigError`` (``GpuError`` for its card) naming what is wrong."""
+        data = dict(validate.plan_data(data))
+        try:
+            gpu = dict(data["gpu"])
+            if isinstance(gpu.get("compute_capability"), list):
+                gpu["compute_capability"] = tuple(gpu["compute_capability"])
+            data["gpu"] = gpus.GpuInfo(**gpu)
+            data["estimate"] = MemoryEstimate.from_dict(data["estimate"])
+            targets = data.get("lora_targets")
+            data["lora_targets"] = tuple(targets) if isinstance(targets, list) and targets else targets or None
+            data["reasons"] = tuple(data["reasons"])
+            data["trials"] = tuple(Trial.from_dict(t) for t in data.get("trials") or ())
+            data["alternatives"] = tuple(data.get("alternatives") or ())
+            data["run"] = RunEstimate.from_dict(data["run"]) if data.get("run") else None
+            if isinstance(data.get("precision"), str):  # plans written before "-mixed"/"-true" named precision so
+                data["precision"] = simulate.precision_name(data["precision"])
+            return cls(**data)
+        except (KeyError, TypeError, ValueError) as err:
+            # a field missing, unknown or of another type in the plan or its parts (GpuInfo, MemoryEstimate, Trial)
+            raise ConfigError(f"not a plan file autofit wrote ({type(err).__name__}: {str(err).splitlines()[0]}); "
+                              "write plans with autofit probe MODEL --out plan.json") from None
 
     @classmethod
     def from_json(cls, text: str) -> "Plan":
+        """The plan in ``text`` (what ``to_json`` wrote). Raises ``ConfigError``."""
+        if not isinstance(text, (str, bytes)):
+            raise ConfigError(f"Plan.from_json reads JSON text; got a {type(text).__name__}")
         try:
-            return cls.from_dict(json.loads(text))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise ConfigError(f"not a plan file autofit wrote ({type(err).__name__}: {err})") from None
+            data = json.loads(text)
+        except (ValueError, RecursionError) as err:
+            raise ConfigError(f"not a plan file autofit wrote: not JSON ({str(err).splitlines()[0][:100]})") from None
+        return cls.from_dict(data)
 
     def summary(self) -> str:
         """The human table: knobs, memory at the peak (what is live then, and why), reasons. ``str(plan)`` is this."""

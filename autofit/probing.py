@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from autofit import calibration, memory
+from autofit import calibration, memory, validate
 from autofit import gpu as gpus
 from autofit import model as models
 from autofit.errors import ProbeError
-from autofit.plans import Trial
+from autofit.plans import Plan, Trial
 from autofit.sim import kbit, simulate
 from autofit.sim.simulate import StepConfig
 from autofit.sim.tracker import Tracker
@@ -269,8 +269,17 @@ def run_trial_isolated(spec, cfg, device, **kwargs) -> Trial:
     import multiprocessing
 
     job = dict(spec=replace(spec, module=None), cfg=cfg, device=device, **kwargs)
-    with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return Trial.from_dict(pool.submit(_isolated_trial, job).result())
+    pool = concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                                  initializer=simulate.quiet_worker)
+    try:
+        result = pool.submit(_isolated_trial, job).result()
+    except (KeyboardInterrupt, SystemExit):
+        # Ctrl-C or SIGTERM: the trial's process goes now rather than finishing its steps
+        simulate.stop_workers(pool)
+        raise
+    finally:
+        pool.shutdown(wait=True)
+    return Trial.from_dict(result)
 
 
 # -- the probe ------------------------------------------------------------------------------------------------------
@@ -391,11 +400,7 @@ class _Prober:
 
 
 def _store():
-    try:
-        return calibration.Store()
-    except (ValueError, OSError, RuntimeError) as err:
-        log.warning("calibration cache unavailable (%s); probing without it", err)
-        return None
+    return calibration.open_store()
 
 
 def _allocator_limit(plan, device) -> int:
@@ -413,7 +418,10 @@ def probe(plan, *, spec=None, device=None, isolate: bool = False, use_cache: boo
     """Confirms ``plan`` with real trials on ``device`` (default: the plan's CUDA card, capped at the plan's budget)
     and returns it marked ``probed``, with its trials, its measured headroom and, when alternatives were close, the
     configuration that measured fastest. Raises ``ProbeError`` when there is no device to probe or nothing runs."""
+    validate.probe_inputs(plan, plan_type=Plan, isolate=isolate, use_cache=use_cache, rank=rank,
+                          max_trials=max_trials)
     spec = models.resolve(spec if spec is not None else plan.model_name)
+    validate.plan_for_model(plan, spec)
     if device is None:
         if not torch.cuda.is_available() or plan.gpu.index is None:
             raise ProbeError("no CUDA device to probe; name the card, e.g. gpu='rtx3060', to plan from the "

@@ -13,22 +13,27 @@ from its config with a tokenizer built from the data, so the whole path runs any
 from __future__ import annotations
 
 import copy
+import inspect
 import json
 import logging
 import os
+import re
 import resource
+import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
-from transformers import TrainerCallback
+from transformers import Trainer, TrainerCallback
 
 from autofit import data as datasets
-from autofit import planner
+from autofit import gpu as gpus
+from autofit import planner, validate
 from autofit.sim import kbit
 from autofit import model as models
-from autofit.errors import ConfigError, DataError, ModelError
+from autofit.errors import ConfigError, ModelError
 from autofit.files import write_atomic
 from autofit.guard import guard
 from autofit.progress import Terminal
@@ -38,6 +43,17 @@ log = logging.getLogger(__name__)
 
 EVAL_SHARE = 0.05  # held out for evaluation when the data has enough samples
 MAX_EVAL_SAMPLES = 64
+# plan()'s options that train() passes on; the data and tokenizer it passes itself
+PLAN_OPTIONS = tuple(name for name in inspect.signature(planner.plan).parameters
+                     if name not in ("model", "gpu", "dataset", "tokenizer", "progress"))
+# Hidden folders beside the checkpoints: a checkpoint being written, and an old one being deleted. Neither matches
+# transformers' ``checkpoint-*``, so a half-written or half-deleted checkpoint is never taken for one.
+STAGING, DISCARDED = ".staging-", ".discarded-"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_STATE = "trainer_state.json"  # transformers writes it last: a checkpoint without it is incomplete
+# Files of a finished run's weights, moved into place last so that their presence means the save completed.
+_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "adapter_model.safetensors",
+            "adapter_model.bin")
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -89,34 +105,43 @@ def train(
     epochs: float | None = None,
     random_init: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     tokenizer=None,
     packing: bool | None = None,
     learning_rate: float | None = None,
     eval_steps: int | None = None,
     save_steps: int | None = None,
-    progress: bool = True,
+    progress: bool | Callable[[str], None] = True,
     **plan_options,
 ) -> TrainResult:
     """Fine-tunes ``model`` on ``data`` (a file or a list of samples) into ``output_dir``; see the module docstring.
 
     ``plan``: a ``Plan``, a path to a ``plan.json``, or None to plan now for ``gpu`` (default: the detected card, else
-    the CPU) with ``plan_options`` passed to ``plan()``. ``steps`` or ``epochs`` bound the run (default: one epoch).
-    A run bounded by ``steps`` is a short one: it keeps no checkpoints (optimizer state included) unless
-    ``save_steps`` asks for them; the final model is saved either way. ``resume`` continues from the last checkpoint
-    in ``output_dir``. Raises ``AutofitError`` subclasses for bad input.
+    the CPU) with ``plan_options`` passed to ``plan()``; a given plan is checked against the model. ``steps`` or
+    ``epochs`` bound the run (default: one epoch). ``resume`` continues from the last complete checkpoint in
+    ``output_dir`` (with the plan saved there); a folder that holds a run is otherwise refused unless ``overwrite``.
+    ``progress``: True for progress bars, or a callable that also hears how data preparation goes. Checkpoints and
+    the final weights are written whole or not at all, so an interrupted run (Ctrl-C, SIGTERM) resumes without
+    losing or repeating a step. Raises ``AutofitError`` subclasses for bad input.
     """
-    if steps is not None and epochs is not None:
-        raise ConfigError("give steps or epochs, not both")
-    samples = datasets.load_samples(data) if not isinstance(data, (list, tuple)) else list(data)
-    if not samples:
-        raise DataError("the data has no samples")
+    out = validate.train_inputs(
+        data=data, output_dir=output_dir, plan=plan, plan_type=planner.Plan, steps=steps, epochs=epochs,
+        random_init=random_init, resume=resume, overwrite=overwrite, tokenizer=tokenizer, packing=packing,
+        learning_rate=learning_rate, eval_steps=eval_steps, save_steps=save_steps, plan_options=plan_options,
+        plan_parameters=PLAN_OPTIONS)
+    # progress: a callable hears every message; True shows them on a terminal (bars for counted work)
+    tell = progress if callable(progress) else Terminal(bool(progress))
+    if not isinstance(data, (list, tuple)):
+        tell(f"reading {data}")
+    samples = datasets.load_samples(data) if not isinstance(data, (list, tuple)) else validate.samples(data)
     spec = models.resolve(model)
     tok = tokenizer or datasets.load_tokenizer(spec.name if spec.source != "module" else model)
     if tok is None:
         if not random_init:
             raise ModelError(f"no tokenizer for {spec.name} in a local directory or the Hugging Face cache; pass a "
-                             "directory with the model's files, or random_init=True to train the architecture from "
-                             "its config with a tokenizer built from the data")
+                             "directory with the model's files, or --random-init to train the architecture from its "
+                             "config with a tokenizer built from the data")
+        tell(f"training a tokenizer on {len(samples):,} samples")
         tok = datasets.build_tokenizer(samples)
     if random_init and len(tok) != spec.vocab_size:
         # the architecture with the data's tokenizer: its vocabulary sizes the embeddings and the head
@@ -125,11 +150,17 @@ def train(
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(config, key, getattr(tok, key, None))
         spec = replace(models.resolve(config), name=spec.name)
-    reporter = Terminal(progress)
-    plan = _plan(spec, plan, gpu, samples, tok, plan_options, reporter if progress else None)
-    reporter.done()
-    out = Path(output_dir)
+    if resume and plan is None and (out / "plan.json").is_file():
+        plan = out / "plan.json"  # the run continues with the knobs it started with
+        if plan_options:
+            log.warning("resuming with the plan in %s, so %s ignored", plan, ", ".join(
+                f"{k}={v!r}" for k, v in sorted(plan_options.items())) + (" is" if len(plan_options) == 1 else " are"))
+    plan = _plan(spec, plan, gpu, samples, tok, plan_options, tell)
+    validate.plan_for_model(plan, spec)
+    if overwrite:
+        _clear_run(out)
     out.mkdir(parents=True, exist_ok=True)
+    _clear_leftovers(out)
     write_atomic(out / "plan.json", plan.to_json())
     if plan.expandable_segments:
         _use_expandable_segments()
@@ -137,33 +168,32 @@ def train(
     packed = packing if packing is not None else all(isinstance(s, str) for s in samples) and \
         not str(data).endswith((".jsonl", ".json"))
     train_samples, eval_samples = _split(samples)
-    told = reporter if progress else None
-    train_set = datasets.tokenize(train_samples, tok, seq_len=plan.seq_len, packing=packed, progress=told)
-    eval_set = (datasets.tokenize(eval_samples, tok, seq_len=plan.seq_len, packing=packed, progress=told)
-                if eval_samples else None)
-    reporter.done()
+    train_set = datasets.tokenize(train_samples, tok, seq_len=plan.seq_len, packing=packed, progress=tell)
+    eval_set = datasets.tokenize(eval_samples, tok, seq_len=plan.seq_len, packing=packed) if eval_samples else None
+    getattr(tell, "done", lambda: None)()  # end a terminal's progress line before the Trainer prints
     if learning_rate is None and random_init:
         learning_rate = 1e-3  # random weights learn at pretraining rates, not fine-tuning ones
     args = _arguments(plan, out, steps, epochs, learning_rate, eval_steps, save_steps, bool(eval_set), progress,
                       len(train_set))
-    from transformers import Trainer
-
+    checkpoint = _last_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        log.warning("no complete checkpoint in %s to resume from; starting from the beginning", out)
+    # steps after the checkpoint run again: their rows go, so the log holds each step once
+    _trim_memory_log(out / "memory_log.jsonl", _step_of(checkpoint))
     memory_log = MemoryLog(out / "memory_log.jsonl", tokens_per_step=plan.effective_batch * plan.seq_len)
-    trainer = Trainer(model=net, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                      data_collator=lambda batch: datasets.collate(batch, tok.pad_token_id), processing_class=tok,
-                      callbacks=[memory_log])
+    trainer = _Trainer(model=net, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                       data_collator=lambda batch: datasets.collate(batch, tok.pad_token_id), processing_class=tok,
+                       callbacks=[memory_log])
     if not progress:
         from transformers.trainer_callback import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)  # it prints logs to stdout, where --json output goes
+    if hasattr(progress, "done"):
+        progress.done()  # the Trainer's own progress bar takes over
     state = guard(trainer)
-    checkpoint = _last_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        log.warning("no checkpoint in %s to resume from; starting from the beginning", out)
     result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_loss = trainer.evaluate().get("eval_loss") if eval_set is not None else None
-    trainer.save_model(str(out))
-    tok.save_pretrained(str(out))
+    _save_final(trainer, tok, out)
     trainer.state.save_to_json(str(out / "trainer_state.json"))  # the run's log history, checkpoints or not
     summary = memory_log.summary()
     return TrainResult(
@@ -191,13 +221,20 @@ def _plan(spec, plan, gpu, samples, tok, options, progress=None) -> planner.Plan
         return plan
     if isinstance(plan, (str, os.PathLike)):
         try:
-            return planner.Plan.from_json(Path(plan).read_text())
+            text = Path(plan).read_text()
         except OSError as err:
             raise ConfigError(f"cannot read the plan {plan}: {err.strerror}") from None
+        except UnicodeDecodeError:
+            raise ConfigError(f"the plan {plan} is not text; pass a plan.json from autofit probe --out") from None
+        try:
+            return planner.Plan.from_json(text)
+        except ConfigError as err:
+            raise ConfigError(f"{plan}: {err}") from None
+    if gpu is None:
+        gpu = "cuda:0" if gpus.detect() else "cpu"
     options = dict(options)
     if "seq_len" not in options:
         options["dataset"], options["tokenizer"] = samples, tok
-    # gpu None: the detected card, or this machine's CPU and RAM when there is none (the plan says which)
     return planner.plan(spec, gpu, progress=progress, **options)
 
 
@@ -293,9 +330,109 @@ def _arguments(plan, out, steps, epochs, learning_rate, eval_steps, save_steps, 
     return plan.training_arguments(str(out), **overrides)
 
 
+# -- checkpoints and files, whole or not at all ------------------------------------------------------------------------
+class _Trainer(Trainer):
+    """``transformers.Trainer`` whose checkpoints appear whole or not at all: each is written into a hidden staging
+    folder beside the others and renamed into place once complete (a rename within one file system is atomic), and
+    old ones are renamed aside before they are deleted, so an interruption never leaves a partial ``checkpoint-N``."""
+
+    def _save_checkpoint(self, model, trial) -> None:
+        run_dir = Path(self._get_output_dir(trial=trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = run_dir / f"{STAGING}{name}"
+        _discard(staging)
+        self._get_output_dir = lambda trial=None: str(staging)  # transformers saves into <this>/checkpoint-N
+        try:
+            super()._save_checkpoint(model, trial)
+            _discard(run_dir / name)  # one of the same step from an earlier, overwritten run
+            os.replace(staging / name, run_dir / name)
+        finally:
+            del self._get_output_dir
+            _discard(staging)
+        keep = self.args.save_total_limit
+        if keep:
+            for _, old in _checkpoints(run_dir)[:-keep]:
+                _discard(old)
+
+
+def _discard(path: Path) -> None:
+    """Removes ``path``: renamed aside first (atomic), then deleted, so it is never seen half-deleted."""
+    if not path.exists():
+        return
+    aside = path.with_name(f"{DISCARDED}{path.name}-{os.getpid()}-{time.monotonic_ns()}")
+    os.replace(path, aside)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def _clear_leftovers(out: Path) -> None:
+    """Removes what an interrupted save left: staging folders and checkpoints renamed aside but not yet deleted."""
+    for path in out.iterdir():
+        if path.name.startswith((STAGING, DISCARDED)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _clear_run(out: Path) -> None:
+    """Removes the run in ``out`` that ``overwrite`` replaces: its checkpoints, weights, plan and memory log."""
+    if not out.is_dir():
+        return
+    log.warning("overwriting the run in %s", out)
+    for _, path in _checkpoints(out, complete=False):
+        _discard(path)
+    for name in _WEIGHTS + ("plan.json", "memory_log.jsonl", "adapter_config.json"):
+        (out / name).unlink(missing_ok=True)
+
+
+def _checkpoints(out: Path, *, complete: bool = True) -> list[tuple[int, Path]]:
+    """(step, folder) of the checkpoints in ``out``, oldest first; with ``complete``, those transformers finished."""
+    found = []
+    for path in out.glob("checkpoint-*"):
+        match = _CHECKPOINT.match(path.name)
+        if match and path.is_dir() and (not complete or (path / _STATE).is_file()):
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
 def _last_checkpoint(out: Path) -> str | None:
-    checkpoints = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    return str(checkpoints[-1]) if checkpoints else None
+    """The last complete checkpoint in ``out``; incomplete ones (left by an earlier version, or a crash of the file
+    system) are named in a warning and passed over."""
+    complete = _checkpoints(out)
+    partial = sorted(set(p for _, p in _checkpoints(out, complete=False)) - set(p for _, p in complete))
+    if partial:
+        log.warning("passing over incomplete checkpoint(s) %s (no %s)", ", ".join(p.name for p in partial), _STATE)
+    return str(complete[-1][1]) if complete else None
+
+
+def _step_of(checkpoint: str | None) -> int:
+    return int(_CHECKPOINT.match(Path(checkpoint).name).group(1)) if checkpoint else 0
+
+
+def _trim_memory_log(path: Path, step: int) -> None:
+    """Keeps the memory log's rows up to ``step`` (and drops any line an earlier crash cut short)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line + "\n")
+    write_atomic(path, "".join(kept))
+
+
+def _save_final(trainer, tok, out: Path) -> None:
+    """Saves the model (or adapter) and tokenizer into ``out`` through a staging folder, each file renamed into place
+    whole and the weights last, so that weights in ``out`` mean a finished run."""
+    staging = out / f"{STAGING}final"
+    _discard(staging)
+    try:
+        trainer.save_model(str(staging))
+        tok.save_pretrained(str(staging))
+        for path in sorted(staging.iterdir(), key=lambda p: p.name in _WEIGHTS):
+            os.replace(path, out / path.name)
+    finally:
+        _discard(staging)
 
 
 class MemoryLog(TrainerCallback):

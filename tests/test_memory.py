@@ -105,7 +105,7 @@ def test_host_memory_estimate_has_no_cuda_context():
 
 
 @pytest.mark.parametrize("kwargs, error, fragment", [
-    (dict(gpu="rtx3060", batch_size=0, seq_len=64), ConfigError, "batch size must be positive"),
+    (dict(gpu="rtx3060", batch_size=0, seq_len=64), ConfigError, "batch_size must be a whole number >= 1"),
     (dict(gpu="rtx3060", batch_size=1, seq_len=4096), ConfigError, "--seq-len 1024"),
     (dict(gpu="rtx3070x", batch_size=1, seq_len=64), GpuError, "closest"),
     (dict(gpu="rtx3060", batch_size=1, seq_len=64, method="dora"), ConfigError, "method must be one of"),

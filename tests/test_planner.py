@@ -173,7 +173,7 @@ def test_training_arguments_drive_a_trainer(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, error, fragment", [
-    (dict(effective_batch=0), ConfigError, "effective batch"),
+    (dict(effective_batch=0), ConfigError, "effective_batch must be"),
     (dict(method="dora"), ConfigError, "method must be"),
     (dict(margin=0.7), ConfigError, "margin"),
     (dict(seq_len=4096), ConfigError, "beyond"),

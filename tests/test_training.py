@@ -101,8 +101,10 @@ def test_cli_train(notes, tmp_path, capsys):
     assert code == 0, captured.err
     data = json.loads(captured.out)
     assert data["global_step"] == 3 and data["plan"]["method"] == "full" and (out / "plan.json").exists()
-    code = cli(["train", "distilgpt2", "--data", str(notes), "--steps", "1", "--out", str(out)])
+    code = cli(["train", "distilgpt2", "--data", str(notes), "--steps", "1", "--out", str(tmp_path / "other")])
     assert code == 2 and "--random-init" in capsys.readouterr().err
+    code = cli(["train", "distilgpt2", "--data", str(notes), "--random-init", "--steps", "1", "--out", str(out)])
+    assert code == 2 and "holds a finished run" in capsys.readouterr().err  # never overwritten unless asked
 
 
 @pytest.mark.parametrize("script", ["embed_in_trainer.py", "lora_distilgpt2.py", "qlora_tinyllama.py"])

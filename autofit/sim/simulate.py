@@ -28,6 +28,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 
 from autofit.errors import ConfigError, SimulationError
+from autofit.files import atomic_file
 from autofit.sim import arch, attention, kbit
 from autofit.sim.cuda_autocast import CudaAutocast
 from autofit.sim.tracker import Tracker, Timeline
@@ -595,9 +596,6 @@ def _load(job: Job) -> Simulation | None:
 
 def _save(job: Job, sim: Simulation) -> None:
     """Writes atomically: a temporary file renamed into place, so a cache file is never half-written."""
-    import os
-    import tempfile
-
     path = _disk_path(job)
     if path is None:
         return
@@ -607,14 +605,31 @@ def _save(job: Job, sim: Simulation) -> None:
                 kernels=list(sim.attention_kernels), step_peaks=list(sim.step_peaks),
                 eval_batch_size=sim.eval_batch_size, eval_peak=sim.eval_peak)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        with os.fdopen(fd, "wb") as fh:
+        with atomic_file(path, "wb") as fh:
             np.savez_compressed(fh, sizes=tl.sizes, tags=tl.tags, events=tl.events, categories=sim.categories,
                                 phases=sim.phases, steps=sim.steps, meta=np.array(json.dumps(meta)))
-        os.replace(tmp, path)
     except OSError as err:
-        log.warning("could not cache a simulation in %s (%s)", path.parent, err)
+        if path.parent not in _UNWRITABLE:  # once per folder: a read-only cache is said once, not per simulation
+            _UNWRITABLE.add(path.parent)
+            log.warning("not caching simulations in %s (%s); running without the simulation cache", path.parent,
+                        getattr(err, "strerror", None) or err)
+
+
+def quiet_worker() -> None:
+    """Initializer of worker processes: Ctrl-C reaches the whole process group, and only the parent should act on it
+    (it stops the workers itself); SIGTERM kills a worker outright, whatever handler it inherited."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def stop_workers(pool) -> None:
+    """Ends ``pool``'s worker processes now, without waiting for their jobs (after Ctrl-C or SIGTERM)."""
+    # ProcessPoolExecutor has no public way to end running jobs before Python 3.14 (terminate_workers)
+    for process in list((getattr(pool, "_processes", None) or {}).values()):
+        process.terminate()
+    pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _shutdown_pool() -> None:
@@ -623,6 +638,9 @@ def _shutdown_pool() -> None:
     if _POOL is not None:
         _POOL.shutdown(wait=True, cancel_futures=True)
         _POOL = None
+
+
+_UNWRITABLE: set = set()  # cache folders a simulation could not be saved in
 
 
 def run_many(jobs: list[Job], progress=None) -> list[Simulation]:
@@ -650,7 +668,8 @@ def run_many(jobs: list[Job], progress=None) -> list[Simulation]:
         import multiprocessing
 
         if _POOL is None:
-            _POOL = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"))
+            _POOL = concurrent.futures.ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("fork"),
+                                                           initializer=quiet_worker)
             atexit.register(_shutdown_pool)
         futures = {_POOL.submit(_run_job, replace(jobs[i], spec=replace(jobs[i].spec, module=None))): i
                    for i in todo}
@@ -662,6 +681,10 @@ def run_many(jobs: list[Job], progress=None) -> list[Simulation]:
         except concurrent.futures.process.BrokenProcessPool:
             _POOL = None
             raise SimulationError("a simulation worker died; set AUTOFIT_WORKERS=1 to simulate in this process")
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C or SIGTERM: the workers go with the parent
+            stop_workers(_POOL)
+            _POOL = None
+            raise
     else:
         for i in todo:
             results[i] = _run_job(jobs[i])
