@@ -69,7 +69,7 @@ GENERIC_TFLOPS, GENERIC_BANDWIDTH = 25.6, 360.0
 # HOST_STEP_EFFICIENCY is the share of that matmul rate a whole fp32 training step reaches. 0.8 is an assumption that
 # benchmarks/cpu_throughput.py brackets: on a shared 2-core machine, with the CPU's rates measured just before each
 # run, train measured 0.74-1.47x the estimate (median 1.25x) for distilgpt2, SmolLM2-135M and gpt2 at 128-256
-# tokens; the spread is other jobs' load (benchmarks/results/cpu-2026-11-23). CPU matmuls reach their rate at small
+# tokens; the spread is other jobs' load (benchmarks/results/cpu-2026-12-02). CPU matmuls reach their rate at small
 # shapes, so half of it at HOST_HALF_EFFICIENCY_TOKENS (an assumption).
 HOST_STEP_EFFICIENCY = 0.8
 HOST_HALF_EFFICIENCY_TOKENS = 64

@@ -8,7 +8,7 @@ the CPU's rates change with the load, so they are measured afresh just before ea
 and the estimate uses those.
 
     python benchmarks/cpu_throughput.py
-    python benchmarks/cpu_throughput.py --steps 8 --json benchmarks/results/cpu-2026-11-23/cpu_throughput.json
+    python benchmarks/cpu_throughput.py --steps 8 --json benchmarks/results/cpu-2026-12-02/cpu_throughput.json
 """
 
 from __future__ import annotations
