@@ -93,8 +93,10 @@ def cublas_workspace_bytes(compute_capability: tuple[int, int], release: tuple[i
 # What the estimate does not know until a probe measures it on a card (benchmarks/gpu_validation.py): the CUDA
 # context, assumed 512 MiB, measured between 274 and 426 MiB bare (above) and unmeasured with a training step's
 # kernels loaded, so +-CONTEXT_UNCERTAINTY is an assumption; and the allocator's fragmentation margin, carried to
-# the full depth as its largest value over the simulated depths, which replays at 2 to 8 layers show moving by up
-# to ALLOCATOR_UNCERTAINTY of a step's activations, logits and temporaries (benchmarks/margin_by_depth.py).
+# the full depth as its largest value over the simulated depths. Replays at 2 to 8 layers of Llama-3.2-1B (batch 3
+# x 1024, benchmarks/results/cpu-2026-12-02/margin_by_depth.txt) put deeper margins between 20% of the dynamic
+# memory below that value and 14% above it (full fine-tuning with checkpointing, where the margin creeps up with
+# depth); ALLOCATOR_UNCERTAINTY of 10% covers most of that spread, not all of it, until GPU measurements size it.
 CONTEXT_UNCERTAINTY = 256 * MiB
 ALLOCATOR_UNCERTAINTY = 0.10
 UNCERTAINTY_NOTE = "CUDA context +-256 MiB assumed, allocator margin +-10% of activations, logits and temporaries"
@@ -637,7 +639,7 @@ def margin_at_depth(kind: str, values: dict[int, int], depths: tuple[int, ...], 
     Block rounding (``"allocated"``) adds the same bytes for every layer's tensors, so it is extrapolated linearly.
     Fragmentation (reserved and needed) is not linear in depth: it comes from the holes the largest transient
     blocks leave, which every layer reuses, and replays at 2 to 8 layers of the same step show it bounded and
-    jumping by up to a GiB from one depth to the next (Llama-3.2-1B, Mistral-7B; benchmarks/run_vs_step.py). A line
+    jumping by up to a GiB from one depth to the next (Llama-3.2-1B, Mistral-7B; benchmarks/margin_by_depth.py). A line
     through two such values, stretched to 32 layers, swings by tens of GiB and broke monotonicity in the batch; the
     largest value seen is the estimate, and its spread is part of the plan's uncertainty margin."""
     if kind == "allocated":
