@@ -139,8 +139,8 @@ def train(
     if tok is None:
         if not random_init:
             raise ModelError(f"no tokenizer for {spec.name} in a local directory or the Hugging Face cache; pass a "
-                             "directory with the model's files, or --random-init to train the architecture from its "
-                             "config with a tokenizer built from the data")
+                             "directory with the model's files, or random_init=True to train the architecture from "
+                             "its config with a tokenizer built from the data")
         tell(f"training a tokenizer on {len(samples):,} samples")
         tok = datasets.build_tokenizer(samples)
     if random_init and len(tok) != spec.vocab_size:

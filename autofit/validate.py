@@ -276,6 +276,8 @@ def targets(spec, targets, *, what: str = "lora_targets") -> tuple[str, ...] | N
         raise ConfigError(f"{what} must be a list of module names, e.g. ('q_proj', 'v_proj'); got "
                           f"{_shown(targets, typed=True)}")
     targets = tuple(targets)
+    if targets == (arch.ALL_LINEAR,):  # peft's name for every linear layer but the head
+        return targets
     if not targets:
         raise ConfigError(f"{what} names no module; leave it out for peft's defaults or name modules, e.g. "
                           "q_proj,v_proj")

@@ -201,7 +201,7 @@ CLI_ERRORS = [
     ("effective-1e12", PROBE + ["--effective-batch", "1000000000000"], {}, "effective_batch must be"),
     ("effective-0", PROBE + ["--effective-batch", "0"], {}, "effective_batch must be"),
     ("effective-negative", PROBE + ["--effective-batch=-4"], {}, "got -4"),
-    ("effective-fraction", PROBE + ["--effective-batch", "2.5"], {}, "invalid int value"),
+    ("effective-fraction", PROBE + ["--effective-batch", "2.5"], {}, "a whole number of sequences or 'max'"),
     ("margin-nan", PROBE + ["--margin", "nan"], {}, "margin must be a finite number"),
     ("margin-inf", PROBE + ["--margin", "inf"], {}, "margin must be a finite number"),
     ("margin-0.7", PROBE + ["--margin", "0.7"], {}, "margin must be"),

@@ -98,7 +98,7 @@ def test_sigint_during_train_then_resume_loses_and_repeats_no_step(tiny, tmp_pat
     model, notes = tiny
     out, plan = tmp_path / "run", tmp_path / "plan.json"
     plan.write_text(planner.plan(model, "cpu", seq_len=32, effective_batch=4, method="full").to_json())
-    argv = ["train", model, "--data", notes, "--random-init", "--steps", "12", "--plan", str(plan),
+    argv = ["train", model, "--data", notes, "--random-init", "--steps", "12", "--save-steps", "6", "--plan", str(plan),
             "--out", str(out), "--quiet"]
     run = autofit(*argv, slow=0.25)
     try:

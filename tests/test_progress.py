@@ -2,7 +2,7 @@
 
 import pytest
 
-from autofit import data, planner, progress
+from autofit import planner, progress
 
 
 @pytest.fixture
@@ -58,19 +58,3 @@ def test_fit_table_counts_the_models(monkeypatch, clock):
         "planning models 2/3 gpt2 (0:10 elapsed, about 0:20 left)",
         "planning models 3/3 openai-community/gpt2-medium (0:20 elapsed, about 0:10 left)",
     ]
-
-
-def test_tokenizing_many_samples_is_counted():
-    samples = [f"note {i}: a line of text" for i in range(3 * data._BATCH)]
-    tok = data.build_tokenizer(samples[:50], vocab_size=300)
-    heard = []
-    lengths = data.token_lengths(samples, tok, progress=heard.append)
-    assert len(lengths) == len(samples)
-    assert [line.split(" (")[0] for line in heard] == [
-        "tokenizing 3,072 samples 1/3 samples 1 to 1,024",
-        "tokenizing 3,072 samples 2/3 samples 1,025 to 2,048",
-        "tokenizing 3,072 samples 3/3 samples 2,049 to 3,072",
-    ]
-    heard.clear()
-    data.token_lengths(samples[:100], tok, progress=heard.append)
-    assert heard == []  # a quick job is not counted
