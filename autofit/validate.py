@@ -309,9 +309,9 @@ def knobs(spec, *, method: str, precision=None, quantization=None, optimizer="ad
     a warning, where the planner refuses the contradiction."""
     methods = (("auto",) if auto else ()) + simulate.METHODS
     choice("method", method, methods)
-    if precision is not None:
-        choice("precision", precision, simulate.PRECISIONS,
-               hint="leave it out for bf16 where the card supports it, else fp16")
+    if precision is not None:  # the engine's names and their short forms (bf16, fp16, fp32)
+        choice("precision", precision, simulate.PRECISIONS + tuple(simulate.PRECISION_ALIASES),
+               hint="leave it out for bf16-mixed where the card supports bf16, else 16-mixed")
     if quantization is not None:
         choice("quantization", quantization, simulate.QUANTIZATIONS)
     choice("optimizer", optimizer, simulate.OPTIMIZERS)

@@ -42,7 +42,7 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 # 16-bit gradients and optimizer states and no autocast, as a model loaded in bf16 (transformers 5 loads checkpoints
 # in their stored dtype by default) and trained with bf16=False runs.
 PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "32-true")
-_PRECISION_ALIASES = {"bf16": "bf16-mixed", "fp16": "16-mixed", "16": "16-mixed", "fp16-mixed": "16-mixed",
+PRECISION_ALIASES = {"bf16": "bf16-mixed", "fp16": "16-mixed", "16": "16-mixed", "fp16-mixed": "16-mixed",
                       "fp16-true": "16-true", "fp32": "32-true", "32": "32-true", "fp32-true": "32-true"}
 OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
 
@@ -58,7 +58,7 @@ SETUP, INPUTS, FORWARD, HEAD, BACKWARD, OPTIMIZE, EVAL = range(7)
 def precision_name(name: str) -> str:
     """The canonical name of a precision (``"bf16"`` -> ``"bf16-mixed"``, ``"fp32"`` -> ``"32-true"``).
     Raises ``ConfigError`` for a name that is none of them."""
-    canonical = _PRECISION_ALIASES.get(name, name) if isinstance(name, str) else name
+    canonical = PRECISION_ALIASES.get(name, name) if isinstance(name, str) else name
     if canonical not in PRECISIONS:
         raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)} (or bf16, fp16, fp32); got {name!r}")
     return canonical
