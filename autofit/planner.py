@@ -639,6 +639,19 @@ def _sizes(target_batch: int, adaptive: bool) -> list[int]:
     return [d for d in range(1, target_batch + 1) if target_batch % d == 0]
 
 
+def _gallop(ok: Callable[[int], bool], low: int, cap: int) -> int:
+    """The largest batch in [``low``, ``cap``] with ``ok`` true, given ``ok(low)`` and that ``ok`` stays false once it
+    turns false: doubling from ``low``, then bisecting."""
+    high = low * 2
+    while high <= cap and ok(high):
+        low, high = high, high * 2
+    high = min(high, cap + 1)
+    while high - low > 1:
+        mid = (low + high) // 2
+        low, high = (mid, high) if ok(mid) else (low, mid)
+    return low
+
+
 def _effective(batch_size: int, target_batch: int, adaptive: bool) -> int:
     if not adaptive:
         return target_batch
@@ -660,16 +673,7 @@ def _size(spec, cfg, card, allowed, seq, target_batch, progress, adaptive=False)
     context = memory.cuda_context_bytes() if cfg.device == "cuda" else 0
 
     def largest(fits) -> int:
-        if not fits(1):
-            return 0
-        low, high = 1, 2
-        while high <= target_batch and fits(high):
-            low, high = high, high * 2
-        high = min(high, target_batch + 1)
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if fits(mid) else (low, mid)
-        return low
+        return _gallop(fits, 1, target_batch) if fits(1) else 0
 
     cand.upper = largest(lambda b: sm.query(b, seq)[0] + context <= allowed)
     cand.max_batch = largest(lambda b: memory.from_step_model(sm, b, seq).required_bytes <= allowed)
@@ -835,14 +839,7 @@ def _largest_batch(cand: _Candidate, chosen: int, exact: Callable[[int], MemoryE
         return sm.query(b, seq)[0] + context
 
     def furthest(ok: Callable[[int], bool]) -> int:  # the largest b in [chosen, cap] with ok(b), ok(chosen) taken
-        low, high = chosen, chosen * 2
-        while high <= LARGEST_BATCH_CAP and ok(high):
-            low, high = high, high * 2
-        high = min(high, LARGEST_BATCH_CAP + 1)
-        while high - low > 1:
-            mid = (low + high) // 2
-            low, high = (mid, high) if ok(mid) else (low, mid)
-        return low
+        return _gallop(ok, chosen, LARGEST_BATCH_CAP)
 
     def fits(b: int) -> bool:
         return need(b) <= allowed
