@@ -338,27 +338,23 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
             reasons.append(f"{truncated:.1%} of the data's samples are longer than {seq} tokens and will be truncated")
 
     cand = chosen
-    estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress, adaptive, eval_batch_size)
-    if want_max:
-        if cand.largest > cand.batch_size:
-            estimate = cand.largest_estimate
-            cand.batch_size = cand.largest
-        cand.grad_accum, cand.effective = 1, cand.batch_size
-        cand.speed = throughput(spec, cand.cfg, card, batch_size=cand.batch_size, seq_len=seq, grad_accum=1,
-                                trainable=_trainable(spec, cand.cfg))
-    for index, text in cand.deferred:  # reasons that quote the chosen candidate, written now that it is settled
-        reasons[index] = text(cand)
-    if want_max:  # the micro-batch reasons were about the default effective batch, not this one
-        reasons[:] = [r for r in reasons if not r.startswith(("micro-batch ", "headroom "))]
-        _headroom_reason(reasons, allowed, cand.need(estimate), estimate)
-    run, expandable, need = None, False, cand.need(estimate)
-    if card.source != "host":
-        estimate, run, expandable = _run_check(spec, cand, card, allowed, seq, target_batch, lengths, reasons,
-                                               progress, adaptive, estimate, want_max)
-        if run is not None:
-            need = max(cand.need(estimate), cand.need(estimate, run.min_reserved))
-            reasons[:] = [r for r in reasons if not r.startswith("headroom ")]
-            _headroom_reason(reasons, allowed, need, estimate)
+    searched = cand.speed.tokens_per_second
+    mark = len(reasons)
+    estimate, run, expandable, need = _settle(spec, cand, card, allowed, seq, target_batch, lengths, reasons,
+                                              progress, adaptive, eval_batch_size, want_max)
+    if cand.speed.tokens_per_second < searched and len(checkpointing) == 2:
+        rival = _rival(spec, cand, seen, card, allowed, seq, target_batch, progress, adaptive)
+        if rival is not None:
+            theirs = reasons[:mark]
+            try:
+                settled = _settle(spec, rival, card, allowed, seq, target_batch, lengths, theirs, progress,
+                                  adaptive, eval_batch_size, want_max)
+            except DoesNotFitError:
+                settled = None
+            if settled is not None and rival.speed.tokens_per_second > cand.speed.tokens_per_second:
+                _switch_reason(theirs, cand, rival)
+                reasons[:] = theirs
+                cand, (estimate, run, expandable, need) = rival, settled
     unknown = memory.uncertainty_bytes(estimate)
     if card.source != "host" and not cand.calibrated and unknown > cand.kept:
         reasons.append(f"{fmt_bytes(unknown)} kept free (more than the budget's margin) for what the estimate does "
@@ -399,6 +395,65 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
         trainable_params=trainable,
     )
 
+
+
+def _settle(spec, cand: _Candidate, card, allowed, seq, target_batch, lengths, reasons, progress, adaptive,
+            eval_batch_size, want_max) -> tuple[MemoryEstimate, "runs.RunEstimate | None", bool, int]:
+    """Settles ``cand`` by exact simulation (``_confirm``), then against a run of varying lengths (``_run_check``,
+    on a GPU). Returns the step estimate, the run's estimate, whether expandable segments are on, and the bytes
+    needed."""
+    estimate = _confirm(spec, cand, card, allowed, seq, target_batch, reasons, progress, adaptive, eval_batch_size)
+    if want_max:
+        if cand.largest > cand.batch_size:
+            estimate = cand.largest_estimate
+            cand.batch_size = cand.largest
+        cand.grad_accum, cand.effective = 1, cand.batch_size
+        cand.speed = throughput(spec, cand.cfg, card, batch_size=cand.batch_size, seq_len=seq, grad_accum=1,
+                                trainable=_trainable(spec, cand.cfg))
+    for index, text in cand.deferred:  # reasons that quote the chosen candidate, written now that it is settled
+        reasons[index] = text(cand)
+    if want_max:  # the micro-batch reasons were about the default effective batch, not this one
+        reasons[:] = [r for r in reasons if not r.startswith(("micro-batch ", "headroom "))]
+        _headroom_reason(reasons, allowed, cand.need(estimate), estimate)
+    run, expandable, need = None, False, cand.need(estimate)
+    if card.source != "host":
+        estimate, run, expandable = _run_check(spec, cand, card, allowed, seq, target_batch, lengths, reasons,
+                                               progress, adaptive, estimate, want_max)
+        if run is not None:
+            need = max(cand.need(estimate), cand.need(estimate, run.min_reserved))
+            reasons[:] = [r for r in reasons if not r.startswith("headroom ")]
+            _headroom_reason(reasons, allowed, need, estimate)
+    return estimate, run, expandable, need
+
+
+def _rival(spec, cand: _Candidate, seen: list[_Candidate], card, allowed, seq, target_batch, progress,
+           adaptive) -> _Candidate | None:
+    """The other checkpointing setting of ``cand``'s configuration, when its fast-model speed beats ``cand``'s settled
+    one: settling (exact simulation, then the run) can step a micro-batch down, and the setting that lost on the
+    fast model can then be the faster. Sized now where the search skipped it."""
+    flipped = replace(cand.cfg, gradient_checkpointing=not cand.cfg.gradient_checkpointing)
+    rival = next((c for c in seen if c.cfg == flipped), None)
+    if rival is None:
+        rival = _size(spec, flipped, card, allowed, seq, target_batch, progress, adaptive)
+        if not rival.max_batch:
+            return None
+    return rival if rival.speed.tokens_per_second > cand.speed.tokens_per_second else None
+
+
+def _switch_reason(reasons: list[str], lost: _Candidate, won: _Candidate) -> None:
+    """Replaces what the search said of ``lost``'s checkpointing setting with why ``won``'s is used after all."""
+    on = won.cfg.gradient_checkpointing
+    text = (f"gradient checkpointing {'on' if on else 'off'}: {won.speed.tokens_per_second:,.0f} estimated tokens/s at "
+            f"micro-batch {won.batch_size}, against {lost.speed.tokens_per_second:,.0f} "
+            f"{'without' if on else 'with'} it once simulated exactly and checked against the run "
+            f"(micro-batch {lost.batch_size})")
+    stale = [index for index, _ in lost.deferred + won.deferred]
+    if stale:
+        reasons[stale[0]] = text
+        for index in sorted(stale[1:], reverse=True):
+            del reasons[index]
+    else:
+        reasons.append(text)
 
 def _plain(value):
     """A config value as JSON keeps it (tuples as lists), so a plan equals itself read back from plan.json."""

@@ -411,3 +411,25 @@ def test_the_summary_is_the_plan_and_explains_the_peak(grid):
     assert "in nvidia-smi" not in str(tight)
     assert ("(the allocator caches what the card has room for and releases cached blocks before it would fail)"
             in str(tight))
+
+
+def test_checkpointing_is_chosen_on_the_settled_micro_batch_not_the_fast_models():
+    # on 2 GB the fast model puts LoRA without checkpointing at micro-batch 2; simulated exactly it fits only 1, and
+    # with checkpointing micro-batch 2 fits the run: the plan must end on the faster of the two settled setups
+    p = plan("distilgpt2", "2GB", seq_len=512, reserved_by_others=0)
+    without = plan("distilgpt2", "2GB", seq_len=512, reserved_by_others=0, gradient_checkpointing=False, method="lora")
+    assert (p.method, p.gradient_checkpointing, p.batch_size, p.grad_accum) == ("lora", True, 2, 8)
+    assert (without.batch_size, without.grad_accum) == (1, 16)
+    assert p.tokens_per_second > without.tokens_per_second
+    assert any(r.startswith("gradient checkpointing on: ") and r.endswith(
+        "without it once simulated exactly and checked against the run (micro-batch 1)") for r in p.reasons)
+    assert not any(r.startswith("gradient checkpointing off") for r in p.reasons)
+    assert p.required_bytes <= p.budget_bytes
+
+
+@pytest.mark.parametrize("size", ["1.75GB", "2.25GB", "2.5GB"])
+def test_the_chosen_checkpointing_setting_is_never_slower_than_the_other_once_settled(size):
+    p = plan("distilgpt2", size, seq_len=512, reserved_by_others=0, method="lora")
+    other = plan("distilgpt2", size, seq_len=512, reserved_by_others=0, method="lora",
+                 gradient_checkpointing=not p.gradient_checkpointing)
+    assert p.tokens_per_second >= other.tokens_per_second
