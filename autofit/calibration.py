@@ -2,7 +2,10 @@
 
 A probe records, for each passing trial, the ratio of measured peak reserved memory to the estimate's
 ``min_reserved``; later plans for the same model, card, method, precision, checkpointing, optimizer and library
-versions scale their estimates by the mean ratio. The store is a small SQLite database in autofit's cache folder
+versions scale their estimates by the mean ratio. It also records what the process holds on the card outside
+PyTorch's allocator (NVML's process memory less ``torch.cuda.memory_reserved`` at the same moment: the CUDA context,
+loaded kernels, library workspaces), per card, PyTorch and CUDA release and module loading mode; later plans on that
+card take the largest such measurement in place of the assumed context. The store is a small SQLite database in autofit's cache folder
 (``$AUTOFIT_CACHE`` or ``~/.cache/autofit``), shared with the probe's Optuna studies. Every write is one transaction,
 so the file is never half-written, and several processes can share it; a database another process holds locked is
 waited for, a read-only one is read, a cache path that cannot be used leaves autofit running without the cache (said
@@ -24,7 +27,7 @@ from autofit.errors import CacheError
 log = logging.getLogger(__name__)
 
 SCHEMA = 1
-_OUR_TABLES = {"autofit_meta", "autofit_calibration"}
+_OUR_TABLES = {"autofit_meta", "autofit_calibration", "autofit_context"}
 # tables Optuna's RDB storage creates in the same file
 _OPTUNA_TABLES = {"studies", "study_directions", "study_user_attributes", "study_system_attributes", "trials",
                   "trial_user_attributes", "trial_system_attributes", "trial_params", "trial_values",
@@ -78,6 +81,15 @@ def versions() -> str:
     from autofit import __version__
 
     return f"autofit {__version__}, torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}"
+
+
+def context_versions() -> str:
+    """What the memory outside PyTorch's allocator depends on besides the card: the PyTorch and CUDA releases (their
+    kernels and workspaces) and CUDA's module loading mode."""
+    import torch
+
+    loading = "eager" if os.environ.get("CUDA_MODULE_LOADING", "LAZY").upper() == "EAGER" else "lazy"
+    return f"torch {torch.__version__}, cuda {torch.version.cuda}, {loading} loading"
 
 
 # SQLite result codes (sqlite.org/rescode.html): a file that is not a database or is damaged, and a database another
@@ -217,6 +229,8 @@ class Store:
         conn.execute("CREATE TABLE IF NOT EXISTS autofit_calibration (key TEXT PRIMARY KEY, model TEXT, "
                      "card TEXT, method TEXT, quantization TEXT, precision TEXT, checkpointing INTEGER, "
                      "optimizer TEXT, versions TEXT, ratio REAL, samples INTEGER, updated REAL)")
+        conn.execute("CREATE TABLE IF NOT EXISTS autofit_context (card TEXT, versions TEXT, bytes INTEGER, "
+                     "samples INTEGER, updated REAL, PRIMARY KEY (card, versions))")
 
     @staticmethod
     def _write(conn: sqlite3.Connection, body):
@@ -254,9 +268,35 @@ class Store:
                           int(key.checkpointing), key.optimizer, key.versions, mean, n, time.time()))
             return mean, n
 
+        return self._record(add, (ratio, 1))
+
+    def context(self, card: str, versions: str) -> tuple[int, int] | None:
+        """(the largest memory measured outside the allocator, measurements) on ``card`` with ``versions``
+        (``context_versions()``), or None."""
+        try:
+            row = self._conn.execute("SELECT bytes, samples FROM autofit_context WHERE card=? AND versions=?",
+                                     (card, versions)).fetchone()
+        except sqlite3.OperationalError:  # a read-only database from before the table existed
+            return None
+        return (int(row[0]), int(row[1])) if row else None
+
+    def record_context(self, card: str, versions: str, nbytes: int) -> tuple[int, int]:
+        """Adds one measurement of the memory outside the allocator on ``card``; returns the new (largest, count).
+        Read-only or long-locked databases keep what they had, as ``record`` says."""
+        def add(conn):
+            row = conn.execute("SELECT bytes, samples FROM autofit_context WHERE card=? AND versions=?",
+                               (card, versions)).fetchone()
+            largest, n = (max(int(row[0]), nbytes), int(row[1]) + 1) if row else (nbytes, 1)
+            conn.execute("INSERT OR REPLACE INTO autofit_context VALUES (?,?,?,?,?)",
+                         (card, versions, largest, n, time.time()))
+            return largest, n
+
+        return self._record(add, (nbytes, 1))
+
+    def _record(self, add, unrecorded):
         if self.readonly:
             warn_once(f"the cache database {self.path} is read-only: calibrations are read, not recorded")
-            return ratio, 1
+            return unrecorded
         deadline = time.monotonic() + LOCK_SECONDS
         while True:
             try:
@@ -266,7 +306,7 @@ class Store:
                     time.sleep(0.2)
                     continue
                 warn_once(f"calibration not recorded in {self.path} ({err})")
-                return ratio, 1
+                return unrecorded
 
     def entries(self) -> list[dict]:
         cursor = self._conn.execute("SELECT model, card, method, quantization, precision, checkpointing, optimizer, "
@@ -283,6 +323,7 @@ class Store:
         def delete(conn):
             count = conn.execute("SELECT COUNT(*) FROM autofit_calibration").fetchone()[0]
             conn.execute("DELETE FROM autofit_calibration")
+            conn.execute("DELETE FROM autofit_context")
             return count
 
         try:

@@ -96,17 +96,20 @@ def cublas_workspace_bytes(compute_capability: tuple[int, int], release: tuple[i
 # the full depth as its largest value over the simulated depths. Replays at 2 to 8 layers of Llama-3.2-1B (batch 3
 # x 1024, benchmarks/results/cpu-2026-12-02/margin_by_depth.txt) put deeper margins between 20% of the dynamic
 # memory below that value and 14% above it (full fine-tuning with checkpointing, where the margin creeps up with
-# depth); ALLOCATOR_UNCERTAINTY of 10% covers most of that spread, not all of it, until GPU measurements size it.
+# depth); ALLOCATOR_UNCERTAINTY of 15% covers that spread, until GPU measurements size it.
 CONTEXT_UNCERTAINTY = 256 * MiB
-ALLOCATOR_UNCERTAINTY = 0.10
-UNCERTAINTY_NOTE = "CUDA context +-256 MiB assumed, allocator margin +-10% of activations, logits and temporaries"
+ALLOCATOR_UNCERTAINTY = 0.15
+ALLOCATOR_NOTE = f"allocator margin +-{ALLOCATOR_UNCERTAINTY:.0%} of activations, logits and temporaries"
+UNCERTAINTY_NOTE = f"CUDA context +-256 MiB assumed, {ALLOCATOR_NOTE}"
 
 
-def uncertainty_bytes(est: "MemoryEstimate") -> int:
-    """Bytes a plan keeps free for what ``est`` cannot know without a measurement on the card; 0 on the CPU."""
+def uncertainty_bytes(est: "MemoryEstimate", *, context_measured: bool = False) -> int:
+    """Bytes a plan keeps free for what ``est`` cannot know without a measurement on the card; 0 on the CPU. A
+    context measured on the card by an earlier probe drops its share."""
     if est.config.device == "cpu":
         return 0
-    return CONTEXT_UNCERTAINTY + int(ALLOCATOR_UNCERTAINTY * (est.activations + est.logits_and_loss + est.temporaries))
+    context = 0 if context_measured else CONTEXT_UNCERTAINTY
+    return context + int(ALLOCATOR_UNCERTAINTY * (est.activations + est.logits_and_loss + est.temporaries))
 
 
 # Categories summed into the device totals (HOST lives in host memory on a real run).
@@ -214,11 +217,16 @@ class MemoryEstimate:
         width = max(len(k) for k in self.components())
         for name, value in self.components().items():
             lines.append(f"  {name:<{width}}  {fmt_bytes(value):>12}")
-        lines.append(f"  {'peak allocated':<{width}}  {fmt_bytes(self.peak_allocated):>12}   torch.cuda.max_memory_allocated")
-        lines.append(f"  {'peak reserved':<{width}}  {fmt_bytes(self.peak_reserved):>12}   torch.cuda.max_memory_reserved")
-        lines.append(f"  {'device total':<{width}}  {fmt_bytes(self.device_total):>12}   nvidia-smi")
-        lines.append(f"  {'needs free':<{width}}  {fmt_bytes(self.required_bytes):>12}   "
-                     "least free memory it runs in (the allocator releases cached blocks under pressure)")
+        if cfg.device == "cpu":  # no caching allocator and no card: the live tensors are what RAM holds
+            lines.append(f"  {'peak live':<{width}}  {fmt_bytes(self.peak_allocated):>12}   the step's tensors in RAM")
+        else:
+            lines.append(f"  {'peak allocated':<{width}}  {fmt_bytes(self.peak_allocated):>12}   "
+                         "torch.cuda.max_memory_allocated")
+            lines.append(f"  {'peak reserved':<{width}}  {fmt_bytes(self.peak_reserved):>12}   "
+                         "torch.cuda.max_memory_reserved")
+            lines.append(f"  {'device total':<{width}}  {fmt_bytes(self.device_total):>12}   nvidia-smi")
+            lines.append(f"  {'needs free':<{width}}  {fmt_bytes(self.required_bytes):>12}   "
+                         "least free memory it runs in (the allocator releases cached blocks under pressure)")
         if self.eval_peak is not None:
             lines.append(f"  evaluation at batch {self.eval_batch_size}: peak {fmt_bytes(self.eval_peak)} of live "
                          "tensors (counted in the totals)")

@@ -166,6 +166,8 @@ class _Candidate:
 
     calibrated: bool = False  # a probe measured this configuration on this card
     kept: int = 0  # bytes the budget already keeps free (its margin)
+    context: int = 0  # bytes outside the allocator on the card: measured by an earlier probe, else assumed
+    context_measured: bool = False
 
     def need(self, est: MemoryEstimate, min_reserved: int | None = None) -> int:
         """Bytes the step (or a run that reserves at least ``min_reserved``) needs on the card: the least the
@@ -173,7 +175,7 @@ class _Candidate:
         the estimate's uncertainty kept free where it exceeds the budget's own margin (``memory.uncertainty_bytes``)."""
         reserved = est.min_reserved if min_reserved is None else min_reserved
         unknown = 0 if self.calibrated or est.config.device == "cpu" else \
-            max(0, memory.uncertainty_bytes(est) - self.kept)
+            max(0, memory.uncertainty_bytes(est, context_measured=self.context_measured) - self.kept)
         return int(reserved * self.ratio) + est.cuda_context + unknown
 
 
@@ -267,6 +269,12 @@ def plan(
                          quantization=quantization, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                          lora_targets=lora_targets, gradient_checkpointing=gradient_checkpointing, probe=probe)
     allowed = budget(card, margin)
+    measured = _read_context(card)
+    if measured is not None:
+        reasons.append(f"CUDA context and workspaces outside PyTorch's allocator: {fmt_bytes(measured[0])}, the largest "
+                       f"of {measured[1]} earlier probe measurement{'s' if measured[1] != 1 else ''} on {card.name} "
+                       f"({calibration.context_versions()}), in place of the assumed "
+                       f"{fmt_bytes(memory.cuda_context_bytes())}")
     if card.source == "host" and margin is None:
         reasons.append(f"budget {fmt_bytes(allowed)}: {HOST_RAM_SHARE:.0%} of the {fmt_bytes(card.free_bytes)} of RAM "
                        f"available now (of {fmt_bytes(card.total_bytes)}); the rest stays for the system, the data "
@@ -355,10 +363,39 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
                 _switch_reason(theirs, cand, rival)
                 reasons[:] = theirs
                 cand, (estimate, run, expandable, need) = rival, settled
-    unknown = memory.uncertainty_bytes(estimate)
+    chose = next((i for i, r in enumerate(reasons[:mark]) if r.startswith(f"{_config_name(cand.cfg)} chosen: ")
+                  and ("fits a micro-batch of" in r and "no method fits" not in r)), None)
+    useful = min(USEFUL_BATCH, cand.effective)
+    if chose is not None and cand.batch_size < useful and not want_max:
+        # chosen as the strongest method that fits a useful micro-batch, which it no longer does once settled: the
+        # lighter methods are searched and settled as the rule asks; the stronger method stays where none does
+        base = replace(cand.cfg, gradient_checkpointing=False)
+        lighter = bases[bases.index(base) + 1:] if base in bases else []
+        theirs, found, switched = reasons[:mark], [], False
+        alt = _search(spec, card, allowed, seq, target_batch, lighter, method, checkpointing, theirs, progress,
+                      found, adaptive, shortened) if lighter else None
+        if alt is not None:
+            try:
+                settled = _settle(spec, alt, card, allowed, seq, target_batch, lengths, theirs, progress, adaptive,
+                                  eval_batch_size, want_max)
+            except DoesNotFitError:
+                settled = None
+            if settled is not None and alt.batch_size >= min(USEFUL_BATCH, alt.effective):
+                theirs[chose] = (f"{_config_name(cand.cfg)} passed over: it settles at micro-batch {cand.batch_size} "
+                                 f"(simulated exactly and checked against the run), below {useful}")
+                theirs[:] = [r for r in theirs if r != _SIXTEEN_BIT_TRADE or alt.cfg.precision.endswith("-true")]
+                reasons[:] = theirs
+                seen.extend(found)
+                cand, (estimate, run, expandable, need), switched = alt, settled, True
+        if not switched:
+            reasons[chose] = (f"{_config_name(cand.cfg)} chosen: the strongest method that fits; it settles at "
+                              f"micro-batch {cand.batch_size} (simulated exactly and checked against the run)"
+                              + (f", and no lighter method reaches {useful} either" if lighter else ""))
+    unknown = memory.uncertainty_bytes(estimate, context_measured=cand.context_measured)
     if card.source != "host" and not cand.calibrated and unknown > cand.kept:
+        note = memory.UNCERTAINTY_NOTE if not cand.context_measured else memory.ALLOCATOR_NOTE
         reasons.append(f"{fmt_bytes(unknown)} kept free (more than the budget's margin) for what the estimate does "
-                       f"not know until a probe on this card measures it ({memory.UNCERTAINTY_NOTE})")
+                       f"not know until a probe on this card measures it ({note})")
     if want_max:
         reasons.insert(0, f"effective batch {cand.effective}: the largest micro-batch that fits, one step each, as "
                           "effective_batch='max' asked")
@@ -410,8 +447,6 @@ def _settle(spec, cand: _Candidate, card, allowed, seq, target_batch, lengths, r
         cand.grad_accum, cand.effective = 1, cand.batch_size
         cand.speed = throughput(spec, cand.cfg, card, batch_size=cand.batch_size, seq_len=seq, grad_accum=1,
                                 trainable=_trainable(spec, cand.cfg))
-    for index, text in cand.deferred:  # reasons that quote the chosen candidate, written now that it is settled
-        reasons[index] = text(cand)
     if want_max:  # the micro-batch reasons were about the default effective batch, not this one
         reasons[:] = [r for r in reasons if not r.startswith(("micro-batch ", "headroom "))]
         _headroom_reason(reasons, allowed, cand.need(estimate), estimate)
@@ -423,6 +458,8 @@ def _settle(spec, cand: _Candidate, card, allowed, seq, target_batch, lengths, r
             need = max(cand.need(estimate), cand.need(estimate, run.min_reserved))
             reasons[:] = [r for r in reasons if not r.startswith("headroom ")]
             _headroom_reason(reasons, allowed, need, estimate)
+    for index, text in cand.deferred:  # reasons that quote the candidate, written now that it is settled
+        reasons[index] = text(cand)
     return estimate, run, expandable, need
 
 
@@ -569,7 +606,7 @@ def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons
         for variant in variants:
             base = memory.step_config(card, method=method, quantization=quant, gradient_checkpointing=False, **variant)
             static = _static_bytes(spec, base)
-            if static > allowed - (memory.cuda_context_bytes() if base.device == "cuda" else 0):
+            if static > allowed - (_context(card) if base.device == "cuda" else 0):
                 name = _config_name(base)
                 if len(variants) > 1 and base.autocast:
                     name += f" with fp32 weights ({base.precision})"
@@ -722,16 +759,16 @@ def _size(spec, cfg, card, allowed, seq, target_batch, progress, adaptive=False)
     and errs high (``max_batch``).
     """
     stage(progress, f"{_method_name(cfg.method)}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
-    cand = _Candidate(cfg=cfg)
+    cand = _Candidate(cfg=cfg, context=_context(card), context_measured=_measured_context(card) is not None)
     sm = memory.StepModel(spec, cfg, seq_len=seq, evaluate=True, progress=progress)
     cand.step_model = sm
-    context = memory.cuda_context_bytes() if cfg.device == "cuda" else 0
+    context = _context(card) if cfg.device == "cuda" else 0
 
     def largest(fits) -> int:
         return _gallop(fits, 1, target_batch) if fits(1) else 0
 
     cand.upper = largest(lambda b: sm.query(b, seq)[0] + context <= allowed)
-    cand.max_batch = largest(lambda b: memory.from_step_model(sm, b, seq).required_bytes <= allowed)
+    cand.max_batch = largest(lambda b: memory.from_step_model(sm, b, seq).min_reserved + context <= allowed)
     if cand.upper and not cand.max_batch:
         cand.max_batch = 1 if _exact(spec, cfg, card, 1, seq, progress).required_bytes <= allowed else 0
         if not cand.max_batch:
@@ -749,12 +786,14 @@ def _size(spec, cfg, card, allowed, seq, target_batch, progress, adaptive=False)
 def _exact(spec, cfg, card, batch_size, seq, progress, eval_batch_size=None) -> MemoryEstimate:
     est = memory.simulate_point(spec, cfg, batch_size=batch_size, seq_len=seq, eval_batch_size=eval_batch_size,
                                 progress=progress)
+    if est.cuda_context:
+        est = replace(est, cuda_context=_context(card))
     return replace(est, gpu_name=card.name)
 
 
 def _eval_batch(cand: _Candidate, allowed: int, target_batch: int) -> int:
     """The largest evaluation batch (up to twice the effective batch, at most 64) the fast model fits, at least 1."""
-    context = memory.cuda_context_bytes() if cand.cfg.device == "cuda" else 0
+    context = cand.context if cand.cfg.device == "cuda" else 0
     best = 1
     for b in range(1, min(64, 2 * target_batch) + 1):
         if cand.step_model.eval_need(b) + context <= allowed:
@@ -885,7 +924,7 @@ def _largest_batch(cand: _Candidate, chosen: int, exact: Callable[[int], MemoryE
     simulations. Need is taken as rising with the batch.
     """
     sm = cand.step_model
-    context = memory.cuda_context_bytes() if cand.cfg.device == "cuda" else 0
+    context = cand.context if cand.cfg.device == "cuda" else 0
 
     def need(b: int) -> int:
         return cand.need(exact(b))
@@ -947,6 +986,7 @@ def _run_check(spec, cand: _Candidate, card, allowed, seq, target_batch, sample_
         step = estimate if b == first else _exact(spec, cand.cfg, card, b, seq, progress, cand.eval_batch_size)
         step_flex = memory.simulate_point(spec, cand.cfg, batch_size=b, seq_len=seq, expandable_segments=True,
                                           eval_batch_size=cand.eval_batch_size, progress=progress)
+        step_flex = replace(step_flex, cuda_context=step.cuda_context, gpu_name=card.name)
         lengths = runs.step_lengths(b, seq, sample_lengths=sample_lengths)
         kw = dict(eval_every=RUN_EVAL_EVERY, eval_batch_size=cand.eval_batch_size, length_source=source)
         plain = model.estimate(b, lengths, step=step, **kw)
@@ -961,6 +1001,7 @@ def _run_check(spec, cand: _Candidate, card, allowed, seq, target_batch, sample_
                               "budget; use a shorter --seq-len or a larger card")
     use_flex = need_plain > allowed or need_plain - need_flex >= EXPANDABLE_GAIN * allowed
     run, step = (flex, step_flex) if use_flex else (plain, step)
+    run = replace(run, cuda_context=step.cuda_context)  # the card's measured context, where a probe measured it
     if b != first:
         cand.effective = b if want_max else _effective(b, target_batch, adaptive)
         cand.batch_size, cand.grad_accum = b, cand.effective // b
@@ -978,6 +1019,36 @@ def _run_check(spec, cand: _Candidate, card, allowed, seq, target_batch, sample_
         reasons.append(f"expandable segments on (PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True): {why}, from "
                        f"{fmt_bytes(need_plain)} to {fmt_bytes(need_flex)}")
     return step, run, use_flex
+
+
+# What earlier probes measured outside the allocator, per card name, read once per plan (``_read_context``).
+_CONTEXTS: dict[str, tuple[int, int] | None] = {}
+
+
+def _read_context(card) -> tuple[int, int] | None:
+    """(bytes, measurements) outside PyTorch's allocator that earlier probes measured on ``card`` with this PyTorch,
+    CUDA and module loading mode; None when none did (or the cache is off). Remembered for this plan's helpers."""
+    found = None
+    if card.source != "host" and calibration.cache_root() is not None:
+        try:
+            store = calibration.open_store()
+            if store is not None:
+                found = store.context(card.name, calibration.context_versions())
+                store.close()
+        except Exception as err:  # an unusable cache never stops a plan
+            log.warning("calibration unavailable (%s)", err)
+    _CONTEXTS[card.name] = found
+    return found
+
+
+def _measured_context(card) -> tuple[int, int] | None:
+    return _CONTEXTS.get(card.name)
+
+
+def _context(card) -> int:
+    """Bytes the card's process holds outside PyTorch's allocator: measured by an earlier probe, else assumed."""
+    measured = _measured_context(card)
+    return measured[0] if measured is not None else memory.cuda_context_bytes()
 
 
 def _calibration(spec, cfg: StepConfig, card) -> tuple[float, int]:
@@ -1030,7 +1101,7 @@ def _does_not_fit(spec, card, allowed, seq, asked: _Asked, progress=None) -> Doe
     """The answer when nothing fits, in one line: for every method asked, what binds (its static part, or the step
     at micro-batch 1), then every way out: another method, a shorter sequence, a lever (an 8-bit optimizer,
     checkpointing, 4-bit weights), and the catalog cards that would do."""
-    context = memory.cuda_context_bytes() if card.source != "host" else 0
+    context = _context(card) if card.source != "host" else 0
     shortest = seq if asked.seq_source == "user" else MIN_SEQ_LEN
     lean = max(asked.checkpointing)  # checkpointing where allowed: the least memory a step needs
     terms: list[str] = []

@@ -43,6 +43,7 @@ class Trial:
     isolated: bool  # ran in its own process
     note: str = ""
     device_used: int | None = None  # this process's memory on the card per NVML after the steps (nvidia-smi's view)
+    outside_allocator: int | None = None  # of device_used, what the caching allocator did not hold (context etc.)
 
     @property
     def fits(self) -> bool:

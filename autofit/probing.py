@@ -118,6 +118,11 @@ class CudaDevice:
         """This process's memory on the card as NVML (and nvidia-smi) sees it, or None where NVML cannot say."""
         return gpus.process_memory(self.index)
 
+    def outside_allocator(self, used: int | None) -> int | None:
+        """Of ``used`` (NVML's view, just read), what PyTorch's caching allocator does not hold: the CUDA context,
+        loaded kernels and library workspaces outside it."""
+        return None if used is None else used - torch.cuda.memory_reserved(self.index)
+
     def cleanup(self) -> None:
         gc.collect()
         torch.cuda.synchronize(self.index)
@@ -176,6 +181,9 @@ class BudgetedCpuDevice:
     def used_now(self) -> int | None:
         return None  # no device-level view of host memory beyond the tracker's own counts
 
+    def outside_allocator(self, used: int | None) -> int | None:
+        return None
+
     def cleanup(self) -> None:
         gc.collect()
 
@@ -193,12 +201,13 @@ def run_trial(spec: models.ModelSpec, cfg: StepConfig, device, *, batch_size: in
     ``batch_size`` x ``seq_len`` and, with ``eval_batch_size``, an evaluation forward pass. Out-of-memory errors end
     the trial as ``outcome="oom"``; any other error propagates unchanged."""
     started = time.perf_counter()
-    outcome, note, peaks, step_seconds, used = "fits", "", (None, None), None, None
+    outcome, note, peaks, step_seconds, used, outside = "fits", "", (None, None), None, None, None
     with device.session():
         device.cleanup()
         baseline = device.allocated()
         try:
-            step_seconds, used = _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps)
+            step_seconds, used, outside = _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size,
+                                                       steps)
             peaks = device.peaks()
         except BaseException as err:  # noqa: BLE001 - re-raised unless it is running out of memory
             if not is_oom(err):
@@ -216,12 +225,14 @@ def run_trial(spec: models.ModelSpec, cfg: StepConfig, device, *, batch_size: in
                  predicted_reserved=predicted, limit_bytes=getattr(device, "limit_bytes", None) or
                  getattr(device, "budget_bytes", None), seconds=time.perf_counter() - started,
                  step_seconds=step_seconds, tokens_per_second=tokens, memory_returned=returned, isolated=False,
-                 note=note, device_used=used)
+                 note=note, device_used=used, outside_allocator=outside)
 
 
-def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps) -> tuple[float, int | None]:
+def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps
+                 ) -> tuple[float, int | None, int | None]:
     """The body of a trial; every tensor it makes is local, so returning or raising frees them. Returns the last
-    step's seconds and the device memory in use at the end (the caching allocator still holds its peak)."""
+    step's seconds, the device memory in use at the end (the caching allocator still holds its peak) and how much of
+    it lies outside the allocator."""
     model = device.build(spec, cfg)
     model.train()
     if cfg.gradient_checkpointing:
@@ -246,7 +257,8 @@ def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps)
         batch = simulate.make_batch(eval_batch_size, seq_len, spec.vocab_size, device=device.torch_device)
         simulate.eval_step(model, cfg, batch, autocast)
         del batch
-    return last, device.used_now()
+    used = device.used_now()
+    return last, used, device.outside_allocator(used)
 
 
 def _bnb_or_simulated_adam8bit(params):
@@ -344,6 +356,9 @@ class _Prober:
             self._measured[(cfg, b)] = result.peak_reserved
             if self.store is not None and result.predicted_reserved:
                 self.store.record(self._key(cfg), result.peak_reserved / result.predicted_reserved)
+            if self.store is not None and result.outside_allocator is not None and result.outside_allocator > 0:
+                self.store.record_context(self.plan.gpu.name, calibration.context_versions(),
+                                          result.outside_allocator)
         return result
 
     def ratio(self, cfg: StepConfig) -> float:

@@ -106,7 +106,8 @@ def measure(spec, cfg, dev, batch_size: int, seq_len: int, *, steps: int = 3) ->
                predicted_allocated=est.peak_allocated, predicted_reserved=est.peak_reserved,
                predicted_min_reserved=est.min_reserved, predicted_device=est.device_total,
                measured_allocated=trial.peak_allocated, measured_reserved=trial.peak_reserved,
-               measured_device=trial.device_used, tokens_per_second=trial.tokens_per_second)
+               measured_device=trial.device_used, tokens_per_second=trial.tokens_per_second,
+               predicted_context=est.cuda_context, measured_outside_allocator=trial.outside_allocator)
     for what in ("allocated", "reserved", "device"):
         m, p = row[f"measured_{what}"], row[f"predicted_{what}"]
         row[f"error_{what}"] = (p - m) / m if m else None

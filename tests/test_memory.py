@@ -142,3 +142,12 @@ def test_eager_module_loading_assumes_the_larger_context(monkeypatch):
     assert memory.cuda_context_bytes() == memory.CUDA_CONTEXT_EAGER_BYTES
     monkeypatch.delenv("CUDA_MODULE_LOADING")
     assert memory.cuda_context_bytes() == memory.CUDA_CONTEXT_BYTES
+
+
+def test_a_cpu_estimate_speaks_of_ram_not_of_a_card():
+    from tests.conftest import tiny_llama
+
+    est = memory.estimate(tiny_llama(), "cpu", batch_size=2, seq_len=32)
+    text = est.summary()
+    assert "peak live" in text and "the step's tensors in RAM" in text
+    assert "torch.cuda" not in text and "nvidia-smi" not in text

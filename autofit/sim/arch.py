@@ -69,7 +69,7 @@ class ModelSpec:
         if self.max_positions is not None and seq_len > self.max_positions:
             raise ConfigError(
                 f"sequence length {seq_len} is beyond {self.name}'s {self.max_positions} positions; "
-                f"use --seq-len {self.max_positions} or less"
+                f"use a sequence length of {self.max_positions} or less (seq_len, --seq-len)"
             )
 
 
@@ -113,7 +113,7 @@ def apply_lora(
     if r <= 0:
         raise ConfigError(f"LoRA rank must be positive; got {r}")
     if not targets:
-        raise ModelError("no LoRA target modules known for this architecture; pass them with --lora-targets a,b")
+        raise ModelError("no LoRA target modules known for this architecture; pass them (lora_targets, --lora-targets a,b)")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=peft_targets(targets),
                         task_type="CAUSAL_LM")
     with warnings.catch_warnings():

@@ -87,9 +87,10 @@ class StepConfig:
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
         if self.method == "full" and self.quantization != "none":
-            raise ConfigError("full fine-tuning cannot train quantized weights; use --method qlora for 4-bit or 8-bit")
+            raise ConfigError("full fine-tuning cannot train quantized weights; use the qlora method for 4-bit or "
+                              "8-bit (method='qlora', --method qlora)")
         if self.method == "qlora" and self.quantization == "none":
-            raise ConfigError("qlora needs --quantization 4bit or 8bit")
+            raise ConfigError("qlora needs 4-bit or 8-bit weights (quantization='4bit', --quantization 4bit)")
         if self.lora_r <= 0:
             raise ConfigError(f"lora_r must be positive; got {self.lora_r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -97,7 +98,8 @@ class StepConfig:
         if self.device not in ("cuda", "cpu"):
             raise ConfigError(f"device must be cuda or cpu; got {self.device!r}")
         if self.device == "cuda" and self.precision.startswith("bf16") and self.compute_capability < (8, 0):
-            raise ConfigError("bf16 needs compute capability 8.0 or newer; use --precision 16-mixed on this card")
+            raise ConfigError("bf16 needs compute capability 8.0 or newer; use 16-mixed on this card "
+                              "(precision='16-mixed', --precision 16-mixed)")
         if self.quantization != "none" and self.precision.endswith("-true") and self.precision != "32-true":
             raise ConfigError(f"a quantized base trains under mixed precision (bf16-mixed or 16-mixed), "
                               f"not {self.precision}")
