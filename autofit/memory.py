@@ -415,7 +415,8 @@ def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers:
             phases[slot] = point.phase
         for (block, _), count in counts.items():
             block_sizes.setdefault(block, set()).add(count)
-    uneven = [block for block, sizes in block_sizes.items() if len(sizes) > 1]
+    # a single depth observes every block as itself (no index model), so blocks may differ between layers there
+    uneven = [block for block, sizes in block_sizes.items() if len(sizes) > 1 and not single_depth]
     if uneven:
         raise _UnevenBlocks(f"blocks of the step differ between layers or simulations ({uneven[0]}); "
                             "cannot extrapolate depth", uneven[0][1])
@@ -509,6 +510,11 @@ def simulated_depths(spec: models.ModelSpec, *, deep: bool = False) -> tuple[int
 
     With ``deep``, (2p+1, 3p+1): two blocks of every kind past the first, for steps whose gaps between layers hold
     allocations (the shallow pair cannot fit those)."""
+    if spec.task == "seq2seq-lm":
+        # two stacks: the encoder runs inside the prologue of the decoder's layer marks, so its depth does not
+        # extrapolate with theirs; encoder-decoders people fine-tune on one card (T5, BART up to base size) have
+        # at most 12 layers a stack, simulated whole
+        return (spec.num_layers,)
     types = getattr(spec.config, "layer_types", None)
     period = _type_period(types) if types and len(set(types)) > 1 else 1
     depths = (2 * period + 1, 3 * period + 1) if deep else (period + 1, 2 * period + 1)

@@ -234,7 +234,7 @@ def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps)
     device.reset()
     last = None
     for _ in range(steps):
-        batch = simulate.make_batch(batch_size, seq_len, spec.vocab_size, device=device.torch_device)
+        batch = simulate.spec_batch(spec, cfg, batch_size, seq_len, device=device.torch_device)
         device.sync()
         started = time.perf_counter()
         simulate.train_step(model, optimizer, params, cfg, batch, autocast)
@@ -243,7 +243,7 @@ def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps)
         del batch
     if eval_batch_size:
         model.eval()
-        batch = simulate.make_batch(eval_batch_size, seq_len, spec.vocab_size, device=device.torch_device)
+        batch = simulate.spec_batch(spec, cfg, eval_batch_size, seq_len, device=device.torch_device)
         simulate.eval_step(model, cfg, batch, autocast)
         del batch
     return last, device.used_now()

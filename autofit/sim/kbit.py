@@ -239,10 +239,8 @@ def build_bnb_model(spec, cfg, device: str) -> nn.Module:
     on the host, every linear layer but the head swapped for bitsandbytes' and quantized as it moves to the device
     (as ``from_pretrained(quantization_config=...)`` does), norms upcast, peft LoRA adapters on top."""
     import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(spec.config, dtype=cfg.half)
+    model = arch.build(spec.config, dtype=cfg.half, task=spec.task, device="cpu")
     for parent, name, child, (d_in, d_out, has_bias) in _quantizable_linears(model):
         weight = child.weight.data if isinstance(child, nn.Linear) else child.weight.data.t().contiguous()
         if cfg.quantization == "4bit":
@@ -259,4 +257,4 @@ def build_bnb_model(spec, cfg, device: str) -> nn.Module:
     model = model.to(device)
     targets = cfg.lora_targets or spec.lora_targets
     return arch.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha or 2 * cfg.lora_r, dropout=cfg.lora_dropout,
-                             targets=targets, device=device)
+                             targets=targets, device=device, task=spec.task)

@@ -1,0 +1,95 @@
+"""Encoder-decoders (T5, BART) and encoders with task heads (BERT, RoBERTa, DeBERTa-v3): the same step simulation,
+checked byte for byte against real CPU runs of tiny configs, and depth extrapolated where the layers repeat."""
+
+import itertools
+
+import pytest
+
+from autofit import memory, model
+from autofit.errors import ConfigError, ModelError
+from autofit.sim import simulate
+from autofit.sim.simulate import StepConfig
+from tests.conftest import tiny_bart, tiny_bert, tiny_t5
+
+FAMILIES = {
+    "t5": (tiny_t5, None, "seq2seq-lm"),
+    "bart": (tiny_bart, None, "seq2seq-lm"),
+    "bert-classification": (tiny_bert, None, "sequence-classification"),
+    "bert-token": (tiny_bert, "token-classification", "token-classification"),
+    "roberta": (lambda: tiny_bert(model_type="roberta"), "classification", "sequence-classification"),
+    "deberta-v2": (lambda: tiny_bert(model_type="deberta-v2"), None, "sequence-classification"),
+}
+CASES = list(itertools.product(["full", "lora"], [False, True], ["32-true", "bf16-mixed"]))
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.parametrize("method, checkpointing, precision", CASES)
+def test_real_and_fake_steps_peak_at_the_same_byte(family, method, checkpointing, precision):
+    make, task, expected = FAMILIES[family]
+    spec = model.resolve(make(), task=task)
+    assert spec.task == expected
+    cfg = StepConfig(method=method, gradient_checkpointing=checkpointing, precision=precision, device="cpu",
+                     target_len=24)
+    real = simulate.run(spec, cfg, batch_size=2, seq_len=32, fake=False)
+    fake = simulate.run(spec, cfg, batch_size=2, seq_len=32, fake=True)
+    assert real.peak() == fake.peak()
+    assert real.step_peaks == fake.step_peaks
+
+
+def test_the_target_length_is_the_decoders():
+    spec = model.resolve(tiny_t5())
+    short, long = (simulate.run(spec, StepConfig(device="cpu", target_len=n), batch_size=2, seq_len=32)
+                   for n in (8, 64))
+    assert short.peak() < long.peak()
+    # the source length alone sets the encoder: the same target, a longer source, a higher peak
+    longer_source = simulate.run(spec, StepConfig(device="cpu", target_len=8), batch_size=2, seq_len=64)
+    assert longer_source.peak() > short.peak()
+
+
+def test_a_classifier_has_no_vocabulary_sized_logits():
+    cls = simulate.run(model.resolve(tiny_bert()), StepConfig(device="cpu"), batch_size=2, seq_len=32)
+    token = simulate.run(model.resolve(tiny_bert(), task="token"), StepConfig(device="cpu"), batch_size=2, seq_len=32)
+    # 3 labels: the heads' logits are (2, 3) and (2, 32, 3) fp32 tensors, each rounded to 512 bytes
+    assert 512 in cls.timeline.sizes.tolist()
+    assert cls.peak() != token.peak()
+
+
+@pytest.mark.parametrize("make", [tiny_bert, lambda layers: tiny_bert(layers, model_type="deberta-v2")])
+@pytest.mark.parametrize("cfg", [StepConfig(), StepConfig(method="lora", gradient_checkpointing=True)])
+def test_encoder_depth_extrapolates_to_a_full_depth_simulation(make, cfg):
+    spec = model.resolve(make(layers=8))
+    est = memory.simulate_point(spec, cfg, batch_size=2, seq_len=64)
+    assert max(est.simulated_layers) < spec.num_layers
+    full = simulate.run(spec, cfg, batch_size=2, seq_len=64)
+    tensors = (est.weights + est.gradients + est.optimizer_state + est.activations + est.logits_and_loss
+               + est.temporaries)
+    assert abs(tensors - memory.device_peak(full)) <= 1024  # as for decoders: clipping's per-parameter norms
+
+
+def test_encoder_decoders_are_simulated_at_full_depth():
+    spec = model.resolve(tiny_t5(layers=4))
+    est = memory.simulate_point(spec, StepConfig(target_len=32), batch_size=2, seq_len=64)
+    assert est.simulated_layers == (4,)
+    assert est.source == "simulation"
+
+
+def test_stack_depths_and_parameter_counts():
+    t5 = model.resolve(tiny_t5(layers=3))
+    built = model.build(model.with_layers(t5.config, 3), task="seq2seq-lm")
+    assert t5.num_layers == 3
+    assert t5.total_params == sum(p.numel() for p in model.unique_params(built))
+    uneven = tiny_t5(layers=3)
+    uneven.num_decoder_layers = 2
+    with pytest.raises(ModelError, match="same depth"):
+        model.resolve(uneven)
+
+
+@pytest.mark.parametrize("ref, task, message", [
+    (tiny_t5(), "classification", "is an encoder-decoder"),
+    (tiny_bert(), "causal-lm", "is an encoder, not a causal"),
+    (tiny_bert(), "summarize", "task must be one of"),
+])
+def test_tasks_that_do_not_apply_are_refused_in_one_line(ref, task, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        model.resolve(ref, task=task)
+    assert "\n" not in str(err.value)
