@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -23,7 +24,7 @@ import torch
 from torch import nn
 
 from autofit import validate
-from autofit.errors import ModelError
+from autofit.errors import ConfigError, ModelError
 from autofit.sim import kbit
 from autofit.sim.arch import (ModelSpec, apply_lora, build, lora_targets, stack_depths, task_name, unique_params,
                                with_layers)
@@ -80,9 +81,18 @@ def _config_from_dict(data: dict):
 
 
 # -- resolving references ----------------------------------------------------------------------------------------------
-def resolve(ref, task: str | None = None) -> ModelSpec:
+def resolve(ref, task: str | None = None, target_len: int | None = None) -> ModelSpec:
     """The ``ModelSpec`` of a model reference (see the module docstring), with the head ``task`` names (see
-    ``autofit.sim.arch.TASKS``; None: the architecture's own). Raises ``ModelError`` or ``ConfigError``."""
+    ``autofit.sim.arch.TASKS``; None: the architecture's own) and, for an encoder-decoder, the ``target_len`` of its
+    batches (None: the source length). Raises ``ModelError`` or ``ConfigError``."""
+    if target_len is not None:
+        validate.integer("target_len", target_len, low=1, high=validate.MAX_SEQ_LEN)
+        spec = resolve(ref, task)
+        if spec.task != "seq2seq-lm":
+            raise ConfigError(f"{spec.name} is not an encoder-decoder; --target-len applies to seq2seq models "
+                              "(T5, BART) only")
+        spec.check_seq_len(target_len)
+        return dataclasses.replace(spec, target_len=target_len)
     if task is not None:
         spec = resolve(ref)
         if spec.source == "module":

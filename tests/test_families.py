@@ -26,10 +26,9 @@ CASES = list(itertools.product(["full", "lora"], [False, True], ["32-true", "bf1
 @pytest.mark.parametrize("method, checkpointing, precision", CASES)
 def test_real_and_fake_steps_peak_at_the_same_byte(family, method, checkpointing, precision):
     make, task, expected = FAMILIES[family]
-    spec = model.resolve(make(), task=task)
+    spec = model.resolve(make(), task=task, target_len=24 if expected == "seq2seq-lm" else None)
     assert spec.task == expected
-    cfg = StepConfig(method=method, gradient_checkpointing=checkpointing, precision=precision, device="cpu",
-                     target_len=24)
+    cfg = StepConfig(method=method, gradient_checkpointing=checkpointing, precision=precision, device="cpu")
     real = simulate.run(spec, cfg, batch_size=2, seq_len=32, fake=False)
     fake = simulate.run(spec, cfg, batch_size=2, seq_len=32, fake=True)
     assert real.peak() == fake.peak()
@@ -37,12 +36,12 @@ def test_real_and_fake_steps_peak_at_the_same_byte(family, method, checkpointing
 
 
 def test_the_target_length_is_the_decoders():
-    spec = model.resolve(tiny_t5())
-    short, long = (simulate.run(spec, StepConfig(device="cpu", target_len=n), batch_size=2, seq_len=32)
-                   for n in (8, 64))
+    short, long = (simulate.run(model.resolve(tiny_t5(), target_len=n), StepConfig(device="cpu"), batch_size=2,
+                                seq_len=32) for n in (8, 64))
     assert short.peak() < long.peak()
     # the source length alone sets the encoder: the same target, a longer source, a higher peak
-    longer_source = simulate.run(spec, StepConfig(device="cpu", target_len=8), batch_size=2, seq_len=64)
+    longer_source = simulate.run(model.resolve(tiny_t5(), target_len=8), StepConfig(device="cpu"), batch_size=2,
+                                 seq_len=64)
     assert longer_source.peak() > short.peak()
 
 
@@ -67,8 +66,8 @@ def test_encoder_depth_extrapolates_to_a_full_depth_simulation(make, cfg):
 
 
 def test_encoder_decoders_are_simulated_at_full_depth():
-    spec = model.resolve(tiny_t5(layers=4))
-    est = memory.simulate_point(spec, StepConfig(target_len=32), batch_size=2, seq_len=64)
+    spec = model.resolve(tiny_t5(layers=4), target_len=32)
+    est = memory.simulate_point(spec, StepConfig(), batch_size=2, seq_len=64)
     assert est.simulated_layers == (4,)
     assert est.source == "simulation"
 
@@ -82,6 +81,9 @@ def test_stack_depths_and_parameter_counts():
     uneven.num_decoder_layers = 2
     with pytest.raises(ModelError, match="same depth"):
         model.resolve(uneven)
+    with pytest.raises(ConfigError, match="not an encoder-decoder"):
+        model.resolve(tiny_bert(), target_len=16)
+    assert model.resolve(tiny_t5(), target_len=16).fingerprint != model.resolve(tiny_t5()).fingerprint
 
 
 @pytest.mark.parametrize("ref, task, message", [

@@ -99,10 +99,16 @@ class ModelSpec:
     source: str  # "catalog", "config", "directory", "hf-cache" or "module"
     module: nn.Module | None = field(default=None, compare=False, repr=False)
     task: str = "causal-lm"  # one of TASKS: decides the head, the batch and the loss
+    # Target (decoder) length of an encoder-decoder's batches; None: the source length. A plan varies the batch and
+    # the source length and keeps the target length fixed, so it belongs to the model as it is trained.
+    target_len: int | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.target_len is not None and (self.task != "seq2seq-lm" or self.target_len <= 0):
+            raise ConfigError(f"a target length applies to encoder-decoders only, and must be positive; got "
+                              f"{self.target_len} for a {self.task} model")
         for name in ("num_layers", "hidden_size", "num_heads", "head_dim", "vocab_size", "total_params"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
@@ -113,6 +119,7 @@ class ModelSpec:
     def fingerprint(self) -> str:
         """A stable digest of the architecture (name and config), for caching simulations."""
         text = self.name + self.config.to_json_string(use_diff=False) + ("" if self.task == "causal-lm" else self.task)
+        text += "" if self.target_len is None else f" target {self.target_len}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def check_seq_len(self, seq_len: int) -> None:

@@ -135,11 +135,15 @@ def _quantizable_linears(model: nn.Module):
     """(parent, name, child, (in, out, has_bias)) for every linear layer but the output head, as transformers'
     bitsandbytes integration swaps them; a list, so the caller may replace children while walking it."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # a task head (BERT-style "classifier", "score") stays unquantized too: transformers keeps the model's last
+    # module out of the conversion, and peft trains the head in full (modules_to_save), which a quantized one cannot
+    task_heads = {id(m) for name in ("classifier", "score") if isinstance(getattr(model, name, None), nn.Module)
+                  for m in getattr(model, name).modules()}
     found = []
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             shape = _linear_shape(child)
-            if shape is not None and child is not head:
+            if shape is not None and child is not head and id(child) not in task_heads:
                 found.append((parent, name, child, shape))
     return found
 

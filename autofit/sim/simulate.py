@@ -80,15 +80,9 @@ class StepConfig:
     max_grad_norm: float | None = 1.0
     compute_capability: tuple[int, int] = (8, 6)
     device: str = "cuda"  # the device imitated: "cuda", or "cpu" for runs in host memory
-    # Target (decoder) length of an encoder-decoder's batch; None: the same as the source length. The planner keeps
-    # it fixed while it varies the batch and the source length. Unused by other tasks.
-    target_len: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", precision_name(self.precision))
-        if self.target_len is not None and (isinstance(self.target_len, bool) or not isinstance(self.target_len, int)
-                                            or self.target_len <= 0):
-            raise ConfigError(f"target length must be a positive whole number of tokens; got {self.target_len!r}")
         for name, allowed in (("method", METHODS), ("quantization", QUANTIZATIONS), ("optimizer", OPTIMIZERS)):
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {', '.join(allowed)}; got {getattr(self, name)!r}")
@@ -371,8 +365,8 @@ def make_batch(batch_size: int, seq_len: int, vocab: int, device=None, *, task: 
 
 
 def spec_batch(spec: arch.ModelSpec, cfg: StepConfig, batch_size: int, seq_len: int, device=None) -> dict:
-    """``make_batch`` for ``spec``'s task (its vocabulary, labels and, for an encoder-decoder, ``cfg.target_len``)."""
-    return make_batch(batch_size, seq_len, spec.vocab_size, device, task=spec.task, target_len=cfg.target_len,
+    """``make_batch`` for ``spec``'s task (its vocabulary, labels and, for an encoder-decoder, ``spec.target_len``)."""
+    return make_batch(batch_size, seq_len, spec.vocab_size, device, task=spec.task, target_len=spec.target_len,
                       num_labels=getattr(spec.config, "num_labels", 2))
 
 
