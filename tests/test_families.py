@@ -95,3 +95,45 @@ def test_tasks_that_do_not_apply_are_refused_in_one_line(ref, task, message):
     with pytest.raises(ConfigError, match=message) as err:
         model.resolve(ref, task=task)
     assert "\n" not in str(err.value)
+
+
+def _probe_json(capsys, argv):
+    import json
+
+    from autofit.cli import main
+
+    assert main(argv + ["--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_cli_plans_an_encoder_for_classification(capsys):
+    plan = _probe_json(capsys, ["probe", "bert-base-uncased", "--gpu", "rtx4060-laptop", "--task", "classification",
+                                "--seq-len", "128", "--method", "full", "--gradient-checkpointing", "off"])
+    assert plan["model_name"] == "google-bert/bert-base-uncased"
+    assert plan["seq_len"] == 128 and plan["batch_size"] >= 1
+    assert plan["batch_size"] * plan["grad_accum"] == plan["effective_batch"]
+
+
+def test_seq2seq_pairs_give_a_source_and_a_target_length(tmp_path, capsys):
+    import json
+
+    from autofit import data, seq2seq
+
+    pairs = [("translate: " + "word " * (20 + i % 50), "mot " * (5 + i % 20)) for i in range(200)]
+    path = tmp_path / "pairs.jsonl"
+    path.write_text("".join(json.dumps({"source": s, "target": t}) + "\n" for s, t in pairs))
+    assert seq2seq.is_pairs_file(path) and seq2seq.load_pairs(path) == pairs
+    folder = tmp_path / "tiny-t5"
+    folder.mkdir()
+    tiny_t5().save_pretrained(folder)
+    data.build_tokenizer([s + " " + t for s, t in pairs]).save_pretrained(folder)
+    tok = data.load_tokenizer(str(folder))
+    lengths = seq2seq.choose_lengths(pairs, tok, max_positions=None)
+    assert lengths.source.seq_len > lengths.target.seq_len >= 64  # rounded up to multiples of 64
+    plan = _probe_json(capsys, ["probe", str(folder), "--gpu", "rtx3080-20gb", "--data", str(path),
+                                "--method", "full", "--gradient-checkpointing", "off", "--effective-batch", "16"])
+    assert plan["seq_len"] == lengths.source.seq_len
+    with pytest.raises(Exception, match="record 2 is not a pair"):
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n')
+        seq2seq.load_pairs(bad)
