@@ -1,0 +1,73 @@
+"""Memory of a user's own training step on any ``nn.Module``: ``estimate(model, gpu, step=fn, batch=make_batch)``.
+
+``fn(model, batch)`` returns the loss (the user's forward and loss); ``make_batch(batch_size)`` returns a batch.
+autofit runs that step on fake tensors (see ``autofit.sim.custom``), then accounts for it as for the built-in step:
+the breakdown at the peak, the caching allocator's replay for reserved memory, the cuBLAS workspaces and the CUDA
+context. No analytic fallback: a formula cannot know a user's step, so a step that cannot run on fake tensors is
+an error that names the operation.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+
+from autofit import gpu as gpus
+from autofit import memory
+from autofit.errors import ConfigError
+from autofit.sim import custom
+from autofit.sim.simulate import CATEGORY_NAMES, HOST
+
+
+def estimate_step(model, gpu=None, *, step, batch, batch_size: int, precision: str | None = None,
+                  optimizer: str = "adamw_torch_fused", max_grad_norm: float | None = 1.0,
+                  expandable_segments: bool = False) -> memory.MemoryEstimate:
+    """Peak memory of step 2 of ``step`` on ``model`` at ``batch_size`` on ``gpu``. Raises ``SimulationError``
+    naming the operation a fake tensor cannot run, ``ConfigError`` for bad arguments."""
+    import torch
+
+    if not isinstance(model, torch.nn.Module):
+        raise ConfigError(f"a custom step needs the nn.Module itself; got {type(model).__name__}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ConfigError(f"batch_size must be a whole number >= 1; got {batch_size!r}")
+    card = gpus.resolve(gpu)
+    cfg = memory.step_config(card, method="full", precision=precision, optimizer=optimizer,
+                             max_grad_norm=max_grad_norm)
+    sim = custom.run(model, step, batch, cfg, batch_size=batch_size)
+    live, by_category = _peak_breakdown(sim)
+    workspaces = memory.workspace_bytes(cfg)
+    margins = {"allocated": 0, "reserved": 0, "needed": 0}
+    if cfg.device == "cuda":
+        replay = memory._replay(sim, workspaces, expandable=expandable_segments)
+        base = live + workspaces
+        margins = {"allocated": max(0, replay.peak_allocated - base), "reserved": max(0, replay.peak_reserved - base),
+                   "needed": max(0, memory._min_reserved(sim, workspaces, expandable=expandable_segments) - base)}
+    name = getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+    owner = SimpleNamespace(name=name, num_layers=1)
+    result = memory._assemble(owner, cfg, batch_size, 1, live, by_category, "step 2 (your step)", workspaces,
+                              rounding=margins["allocated"], reserved_margin=margins["reserved"],
+                              needed_margin=margins["needed"], source="simulation",
+                              kernel=memory._kernel_name(sim), depths=(), expandable=expandable_segments,
+                              notes=("your own step(model, batch), simulated on fake tensors at full size",))
+    from dataclasses import replace
+
+    return replace(result, gpu_name=card.name)
+
+
+def _peak_breakdown(sim) -> tuple[int, np.ndarray]:
+    """Device bytes live at the peak of step 2 and their split by category."""
+    tl = sim.timeline
+    events = tl.events
+    uids = np.where(events >= 0, events, -events - 1)
+    delta = np.zeros((len(events), len(CATEGORY_NAMES)), dtype=np.int64)
+    delta[np.arange(len(events)), sim.categories[uids]] = np.where(events >= 0, 1, -1) * tl.sizes[uids]
+    base = np.zeros(len(CATEGORY_NAMES), dtype=np.int64)
+    np.add.at(base, sim.categories[: tl.adopted], tl.sizes[: tl.adopted])
+    live = base + np.cumsum(delta, axis=0)
+    device = live.sum(axis=1) - live[:, HOST]
+    in_step2 = sim.steps[uids] >= 2
+    index = int(np.argmax(np.where(in_step2, device, -1)))
+    by_category = live[index].copy()
+    by_category[HOST] = 0
+    return int(device[index]), by_category
