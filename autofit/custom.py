@@ -1,4 +1,5 @@
-"""Memory of a user's own training step on any ``nn.Module``: ``estimate(model, gpu, step=fn, batch=make_batch)``.
+"""``autofit.estimate``: the built-in step of a transformers model (``autofit.memory.estimate``), or a user's own
+training step on any ``nn.Module``: ``estimate(model, gpu, step=fn, batch=make_batch, batch_size=N)``.
 
 ``fn(model, batch)`` returns the loss (the user's forward and loss); ``make_batch(batch_size)`` returns a batch.
 autofit runs that step on fake tensors (see ``autofit.sim.custom``), then accounts for it as for the built-in step:
@@ -18,6 +19,25 @@ from autofit import memory
 from autofit.errors import ConfigError
 from autofit.sim import custom
 from autofit.sim.simulate import CATEGORY_NAMES, HOST
+
+
+def estimate(model, gpu=None, *, step=None, batch=None, **kwargs) -> memory.MemoryEstimate:
+    """``autofit.memory.estimate(model, gpu, **kwargs)``; with ``step`` (``step(model, batch) -> loss``) and
+    ``batch`` (``batch(batch_size) -> batch``), the user's own step on ``model``, any ``nn.Module``
+    (``estimate_step``; of the knobs, ``batch_size``, ``precision``, ``optimizer``, ``max_grad_norm`` and
+    ``expandable_segments`` apply)."""
+    if step is None and batch is None:
+        return memory.estimate(model, gpu, **kwargs)
+    if step is None or batch is None:
+        raise ConfigError("a custom step needs both step=fn(model, batch) -> loss and batch=fn(batch_size)")
+    allowed = {"batch_size", "precision", "optimizer", "max_grad_norm", "expandable_segments"}
+    extra = sorted(set(kwargs) - allowed)
+    if extra:
+        raise ConfigError(f"{', '.join(extra)} do not apply to your own step (it decides its own shapes and method); "
+                          f"pass only {', '.join(sorted(allowed))}")
+    if "batch_size" not in kwargs:
+        raise ConfigError("batch_size is required: the micro-batch your batch(batch_size) function makes")
+    return estimate_step(model, gpu, step=step, batch=batch, **kwargs)
 
 
 def estimate_step(model, gpu=None, *, step, batch, batch_size: int, precision: str | None = None,

@@ -762,7 +762,7 @@ def estimate(
     gpu=None,
     *,
     batch_size: int,
-    seq_len: int | None = None,
+    seq_len: int,
     method: str = "full",
     precision: str | None = None,
     quantization: str | None = None,
@@ -775,8 +775,6 @@ def estimate(
     max_grad_norm: float | None = 1.0,
     expandable_segments: bool = False,
     progress: Callable[[str], None] | None = None,
-    step: Callable | None = None,
-    batch: Callable | None = None,
 ) -> MemoryEstimate:
     """Peak memory of a training step of ``model`` on ``gpu`` with these knobs, without allocating anything.
 
@@ -784,20 +782,7 @@ def estimate(
     ``"cpu"`` for a run in host memory. The step is simulated at two small depths at exactly this shape and
     extrapolated to the full depth; if the architecture cannot be simulated, an analytic estimate built from the
     same components is returned and says so. Raises ``ConfigError``, ``ModelError`` or ``GpuError`` for bad input.
-
-    With ``step`` (``step(model, batch) -> loss``) and ``batch`` (``batch(batch_size) -> batch``), ``model`` is any
-    ``nn.Module`` and the user's own step is simulated instead (see ``autofit.custom``; ``seq_len`` is not used).
     """
-    if step is not None or batch is not None:
-        from autofit import custom
-
-        if step is None or batch is None:
-            raise ConfigError("a custom step needs both step=fn(model, batch) -> loss and batch=fn(batch_size)")
-        return custom.estimate_step(model, gpu, step=step, batch=batch, batch_size=batch_size, precision=precision,
-                                    optimizer=optimizer, max_grad_norm=max_grad_norm,
-                                    expandable_segments=expandable_segments)
-    if seq_len is None:
-        raise ConfigError("seq_len is required (tokens per sequence), unless step= and batch= give your own step")
     spec = models.resolve(model)
     card = gpus.resolve(gpu)
     validate.estimate_inputs(spec, card, batch_size=batch_size, seq_len=seq_len, method=method, precision=precision,
