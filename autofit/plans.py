@@ -123,8 +123,14 @@ class Plan:
                 f"of {fmt_bytes(self.budget_bytes)}, {self.source})")
 
     # -- handing the plan to training code -------------------------------------------------------------------------
-    def training_arguments(self, output_dir: str = "out", **overrides):
-        """``transformers.TrainingArguments`` for this plan; ``overrides`` win.
+    def training_arguments(self, output_dir: str = "out", *, cls=None, **overrides):
+        """``transformers.TrainingArguments`` for this plan (or ``cls``, a subclass such as TRL's ``SFTConfig``);
+        ``overrides`` win.
+
+        A class with ``max_length`` gets the plan's sequence length there; one with ``packing`` (TRL's ``SFTConfig``)
+        gets ``packing=True`` with the ``"wrapped"`` strategy: full rows of ``seq_len`` tokens in ordinary batches,
+        the batch the estimate simulated. Padding-free batches (``packing_strategy="bfd"``, or ``padding_free=True``;
+        FlashAttention only) hold at most as many tokens, so the plan holds for them as an upper bound.
 
         A plan for a GPU built into arguments on a machine without CUDA fails transformers' own check; pass
         ``use_cpu=True, bf16=False, fp16=False`` to build them there anyway (a dry run). Raises ``ConfigError``.
@@ -133,7 +139,10 @@ class Plan:
 
         from transformers import TrainingArguments
 
-        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        cls = cls or TrainingArguments
+        if not (isinstance(cls, type) and issubclass(cls, TrainingArguments)):
+            raise ConfigError(f"cls must be TrainingArguments or a subclass (TRL's SFTConfig); got {cls!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
         # transformers 5 renamed gradient checkpointing to activation checkpointing; use the name it has
         ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         kwargs = dict(
@@ -151,9 +160,13 @@ class Plan:
             kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": False}
         if self.gpu.source == "host":
             kwargs["use_cpu"] = True
+        if "max_length" in fields:
+            kwargs["max_length"] = self.seq_len
+        if "packing" in fields:
+            kwargs.update(packing=True, packing_strategy="wrapped")
         kwargs.update(overrides)
         try:
-            return TrainingArguments(**kwargs)
+            return cls(**kwargs)
         except ValueError as err:
             raise ConfigError(f"transformers rejects these arguments here: {str(err).splitlines()[0]} (this plan is "
                               f"for {self.gpu.name}; without it, pass use_cpu=True, bf16=False, fp16=False)") from None

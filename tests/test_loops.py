@@ -101,3 +101,74 @@ def test_plain_loop_example_runs_in_its_reduced_form(tmp_path, monkeypatch):
     assert record["steps"] == 3 and record["effective_batch"] == 8
     assert record["shrinks"] == [[8, 4]] and record["micro_batches"] == [8, 4, 4, 4]
     assert len(record["losses"]) == 3
+
+
+def test_trl_sft_example_runs_with_the_plans_arguments(tmp_path, monkeypatch):
+    pytest.importorskip("trl")
+    out = tmp_path / "out"
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["trl_sft.py", "--smoke", "--out", str(out)])
+    runpy.run_path(str(ROOT / "examples" / "trl_sft.py"), run_name="__main__")
+    record = json.loads((out / "autofit-record.json").read_text())
+    assert record["global_step"] == 3
+    assert record["max_length"] == record["seq_len"] and record["packing"] is True
+    assert record["batch_size"] * record["grad_accum"] == 4
+
+
+def test_training_arguments_take_an_sft_config():
+    trl = pytest.importorskip("trl")
+    from autofit import planner
+
+    p = planner.plan("distilgpt2", "rtx3060", seq_len=256, effective_batch=32, method="lora")
+    args = p.training_arguments("out", cls=trl.SFTConfig, use_cpu=True, bf16=False, fp16=False)
+    assert isinstance(args, trl.SFTConfig)
+    assert args.max_length == 256 and args.packing and args.packing_strategy == "wrapped"
+    assert args.per_device_train_batch_size * args.gradient_accumulation_steps == 32
+    assert not hasattr(p.training_arguments("out", use_cpu=True, bf16=False, fp16=False), "packing")
+    from autofit.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="subclass"):
+        p.training_arguments("out", cls=dict)
+
+
+def test_lightning_callback_applies_the_plan_without_trials():
+    L = pytest.importorskip("lightning")
+    import dataclasses
+
+    from autofit import planner
+    from autofit.integrations.lightning import AutofitCallback, trainer_kwargs
+
+    base = planner.plan("distilgpt2", "cpu", seq_len=64, effective_batch=8, method="lora")
+    p = dataclasses.replace(base, batch_size=2, grad_accum=4)  # as a smaller card would plan it
+
+    class Module(L.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.batch_size, self.layer, self.sizes = 1, nn.Linear(4, 1), []
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.randn(64, 4), batch_size=self.batch_size)
+
+        def training_step(self, batch, batch_idx):
+            self.sizes.append(batch.shape[0])
+            return self.layer(batch).pow(2).mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    module = Module()
+    kwargs = trainer_kwargs(p)
+    assert kwargs == dict(precision="32-true", accumulate_grad_batches=4, gradient_clip_val=1.0)
+    trainer = L.Trainer(max_steps=2, callbacks=[AutofitCallback(p)], logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu", **kwargs)
+    trainer.fit(module)
+    # two optimizer steps of 4 micro-batches of 2: the effective batch of 8, no trial batches before them
+    assert trainer.global_step == 2 and module.sizes == [2] * 8
+
+
+def test_lightning_example_runs_in_its_reduced_form(tmp_path, monkeypatch):
+    pytest.importorskip("lightning")
+    record = _run_example("lightning_callback.py", tmp_path, monkeypatch)
+    assert record["global_step"] == 2 and record["batch_size"] == record["plan"]["batch_size"]
+    assert record["accumulate_grad_batches"] == record["plan"]["grad_accum"]
+    assert record["seen_batches"] == [record["plan"]["batch_size"]] * (2 * record["plan"]["grad_accum"])
