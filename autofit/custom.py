@@ -10,6 +10,7 @@ an error that names the operation.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -91,3 +92,63 @@ def _peak_breakdown(sim) -> tuple[int, np.ndarray]:
     by_category = live[index].copy()
     by_category[HOST] = 0
     return int(device[index]), by_category
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class StepPlan:
+    """The micro-batch and accumulation for a user's own step on one card (what ``AccumulatingStep.from_plan``
+    and ``batch_size_from`` take), with the estimate at that micro-batch and the budget it was checked against."""
+
+    batch_size: int
+    grad_accum: int
+    effective_batch: int
+    budget_bytes: int
+    estimate: memory.MemoryEstimate
+    tried: tuple[int, ...]  # micro-batches simulated, in order
+
+    def __post_init__(self) -> None:
+        if self.batch_size * self.grad_accum != self.effective_batch:
+            raise ConfigError(f"batch_size x grad_accum must equal effective_batch ({self.batch_size} x "
+                              f"{self.grad_accum} != {self.effective_batch})")
+
+
+def plan_step(model, gpu=None, *, step, batch, effective_batch: int = 16, margin: float | None = None,
+              precision: str | None = None, optimizer: str = "adamw_torch_fused",
+              max_grad_norm: float | None = 1.0) -> StepPlan:
+    """The largest micro-batch dividing ``effective_batch`` whose simulated step fits ``gpu``'s budget (the card
+    less ``margin``, as ``autofit.plan`` budgets), and the accumulation that keeps ``effective_batch``. Raises
+    ``DoesNotFitError`` when a micro-batch of one does not fit."""
+    from autofit import planner
+    from autofit.errors import DoesNotFitError
+    from autofit.units import fmt_bytes
+
+    if isinstance(effective_batch, bool) or not isinstance(effective_batch, int) or effective_batch < 1:
+        raise ConfigError(f"effective_batch must be a whole number >= 1; got {effective_batch!r}")
+    card = gpus.resolve(gpu)
+    allowed = planner.budget(card, margin)
+    sizes = [d for d in range(effective_batch, 0, -1) if effective_batch % d == 0]  # largest first
+    tried: list[int] = []
+    cache: dict[int, memory.MemoryEstimate] = {}
+
+    def fits(size: int) -> bool:
+        if size not in cache:
+            tried.append(size)
+            cache[size] = estimate_step(model, card, step=step, batch=batch, batch_size=size, precision=precision,
+                                        optimizer=optimizer, max_grad_norm=max_grad_norm)
+        return cache[size].required_bytes + memory.uncertainty_bytes(cache[size]) <= allowed
+
+    # memory grows with the micro-batch: bisect over the divisors, smallest index = largest size
+    lo, hi = 0, len(sizes) - 1
+    if not fits(sizes[hi]):
+        need = cache[sizes[hi]].required_bytes
+        raise DoesNotFitError(f"your step at micro-batch 1 needs {fmt_bytes(need)} of a {fmt_bytes(allowed)} budget "
+                              f"on {card.name}; shrink the model or its inputs, or use a larger card")
+    while lo < hi:
+        mid = (lo + hi) // 2
+        if fits(sizes[mid]):
+            hi = mid
+        else:
+            lo = mid + 1
+    size = sizes[lo]
+    return StepPlan(batch_size=size, grad_accum=effective_batch // size, effective_batch=effective_batch,
+                    budget_bytes=allowed, estimate=cache[size], tried=tuple(tried))

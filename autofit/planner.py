@@ -396,7 +396,7 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
         seq_len_source=seq_source, truncated_share=truncated, alternatives=alternatives,
         expandable_segments=expandable, run=run, need_bytes=need,
         largest_batch=max(cand.largest, cand.batch_size), gradient_bytes=GRADIENT_BYTES * trainable,
-        trainable_params=trainable,
+        trainable_params=trainable, task=spec.task, target_len=spec.target_len,
     )
 
 

@@ -101,9 +101,13 @@ class Plan:
     largest_batch: int | None = None  # the largest micro-batch that fits, whatever the effective batch
     gradient_bytes: int | None = None  # the trainable parameters' gradients once all exist (not all live at the peak)
     trainable_params: int | None = None
+    task: str = "causal-lm"  # the head trained (autofit.sim.arch.TASKS)
+    target_len: int | None = None  # an encoder-decoder's target (decoder) tokens per sample; None: seq_len
 
     def __post_init__(self) -> None:
         validate.plan_fields(self)
+        if self.task not in arch.TASKS:
+            raise ConfigError(f"the plan's task must be one of {', '.join(arch.TASKS)}; got {self.task!r}")
         if self.batch_size * self.grad_accum != self.effective_batch:
             raise ConfigError(f"batch_size x grad_accum must equal effective_batch ({self.batch_size} x "
                               f"{self.grad_accum} != {self.effective_batch})")
@@ -182,7 +186,8 @@ class Plan:
             type(m).__name__ == "Conv1D" for name, m in model.named_modules()
             if name.rsplit(".", 1)[-1] in self.lora_targets or self.lora_targets == (arch.ALL_LINEAR,))
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=arch.peft_targets(self.lora_targets), task_type="CAUSAL_LM", fan_in_fan_out=transposed)
+                          target_modules=arch.peft_targets(self.lora_targets), task_type=arch._PEFT_TASK[self.task],
+                          fan_in_fan_out=transposed)
 
     def quantization_config(self):
         """The transformers ``BitsAndBytesConfig`` of this plan, or None when weights stay 16-bit."""

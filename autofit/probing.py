@@ -420,7 +420,8 @@ def probe(plan, *, spec=None, device=None, isolate: bool = False, use_cache: boo
     configuration that measured fastest. Raises ``ProbeError`` when there is no device to probe or nothing runs."""
     validate.probe_inputs(plan, plan_type=Plan, isolate=isolate, use_cache=use_cache, rank=rank,
                           max_trials=max_trials)
-    spec = models.resolve(spec if spec is not None else plan.model_name)
+    spec = models.resolve(spec if spec is not None else plan.model_name, task=None if spec is not None else plan.task,
+                          target_len=None if spec is not None else plan.target_len)
     validate.plan_for_model(plan, spec)
     if device is None:
         if not torch.cuda.is_available() or plan.gpu.index is None:

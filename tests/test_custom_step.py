@@ -77,3 +77,20 @@ def test_a_step_must_return_the_loss():
         autofit.estimate(TwoTower(), "rtx3060", step=lambda m, b: None, batch=make_batch, batch_size=4)
     with pytest.raises(ConfigError, match="needs both"):
         autofit.estimate(TwoTower(), "rtx3060", step=contrastive_step, batch_size=4)
+
+
+def test_plan_step_picks_the_largest_micro_batch_that_fits_and_keeps_the_effective_batch():
+    from autofit.custom import plan_step
+
+    roomy = plan_step(TwoTower(), "rtx3060", step=contrastive_step, batch=make_batch, effective_batch=32)
+    assert roomy.batch_size == 32 and roomy.grad_accum == 1
+    # a budget between the needs of micro-batches 4 and 8: 4 x 8 accumulation
+    needs = {b: autofit.estimate(TwoTower(), "rtx3060", step=contrastive_step, batch=make_batch, batch_size=b)
+             for b in (4, 8)}
+    from autofit import memory
+
+    total = {b: e.required_bytes + memory.uncertainty_bytes(e) for b, e in needs.items()}
+    card = f"{(total[4] + total[8]) // 2}B"
+    tight = plan_step(TwoTower(), card, step=contrastive_step, batch=make_batch, effective_batch=32, margin=0.0)
+    assert (tight.batch_size, tight.grad_accum, tight.effective_batch) == (4, 8, 32)
+    assert tight.estimate.required_bytes == needs[4].required_bytes
