@@ -114,7 +114,8 @@ def throughput(spec: models.ModelSpec, cfg: StepConfig, card: gpus.GpuInfo, *, b
         bandwidth, weight_width = card.bandwidth_gbs or GENERIC_BANDWIDTH, 2
     tokens = batch_size * seq_len
     layer_weights = spec.num_layers * spec.layer_params
-    head = spec.hidden_size * spec.vocab_size
+    # a classification head's (hidden x labels) FLOPs are negligible; language models project onto the vocabulary
+    head = spec.hidden_size * spec.vocab_size if spec.task in ("causal-lm", "seq2seq-lm") else 0
     # forward FLOPs per token: 2 per weight of each matmul plus causal attention (Kaplan et al. 2020, eq. 2.2)
     attention = 2 * spec.num_layers * seq_len * spec.num_heads * spec.head_dim
     forward = 2 * (layer_weights + head) + attention

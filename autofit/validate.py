@@ -274,7 +274,7 @@ def module_names(spec) -> frozenset[str]:
     if spec.module is not None:
         return frozenset(name.rsplit(".", 1)[-1] for name, _ in spec.module.named_modules() if name)
     if spec.fingerprint not in _MODULE_NAMES:
-        model = arch.build(arch.with_layers(spec.config, 1))
+        model = arch.build(arch.with_layers(spec.config, 1), task=spec.task)
         _MODULE_NAMES[spec.fingerprint] = frozenset(name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
                                                     if name)
     return _MODULE_NAMES[spec.fingerprint]

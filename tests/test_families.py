@@ -137,3 +137,24 @@ def test_seq2seq_pairs_give_a_source_and_a_target_length(tmp_path, capsys):
         bad = tmp_path / "bad.jsonl"
         bad.write_text('{"source": "a", "target": "b"}\n{"source": "a"}\n')
         seq2seq.load_pairs(bad)
+
+
+NEW_MODELS = ["t5-small", "t5-base", "google/flan-t5-base", "facebook/bart-base", "bert-base-uncased", "roberta-base",
+              "microsoft/deberta-v3-base"]
+THREE_CARDS = ["rtx4060-laptop", "rtx3060", "rtx3080-20gb"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", NEW_MODELS)
+def test_the_new_catalog_models_plan_on_three_cards(name):
+    from autofit import planner
+
+    spec = model.resolve(name, target_len=64 if name in NEW_MODELS[:4] else None)
+    plans = [planner.plan(spec, card, seq_len=256, effective_batch=32, method="full", gradient_checkpointing=False,
+                          probe=False) for card in THREE_CARDS]
+    for p in plans:
+        assert p.task == spec.task and p.target_len == spec.target_len and p.method == "full"
+        assert p.batch_size * p.grad_accum == 32
+        assert p.need_bytes <= p.budget_bytes and p.estimate.source == "simulation"
+    # a bigger card never gets a smaller micro-batch
+    assert [p.batch_size for p in plans] == sorted(p.batch_size for p in plans)
