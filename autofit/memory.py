@@ -525,8 +525,12 @@ def simulate_depths(spec, cfg, shapes, progress, eval_batch_size=None, eval_with
                      ) -> tuple[tuple[int, ...], list[Simulation], "_Envelope"]:
     """Simulations of ``shapes`` at the shallow depths, or the deep ones when the shallow fit cannot be made; an
     evaluation pass of ``eval_batch_size`` (or, with ``eval_with_batch``, of each shape's batch) follows the steps."""
-    for deep in (False, True):
-        depths = simulated_depths(spec, deep=deep)
+    # An encoder whose layers share a tensor (DeBERTa's relative position embeddings, whose gradient the last layer's
+    # backward creates and the others add to) does not extrapolate; encoders people fine-tune on one card are base
+    # size (12 layers), simulated whole then.
+    whole = spec.task != "causal-lm" and spec.num_layers <= 24
+    for attempt in ("shallow", "deep", "whole") if whole else ("shallow", "deep"):
+        depths = (spec.num_layers,) if attempt == "whole" else simulated_depths(spec, deep=attempt == "deep")
         jobs = [simulate.Job(spec=spec, cfg=cfg, batch_size=b, seq_len=s, num_layers=d,
                              eval_batch_size=b if eval_with_batch else eval_batch_size)
                 for d in depths for b, s in shapes]
@@ -534,9 +538,10 @@ def simulate_depths(spec, cfg, shapes, progress, eval_batch_size=None, eval_with
         try:
             return depths, sims, fit_envelope(sims, spec, spec.num_layers)
         except SimulationError:
-            if deep or len(depths) == 1:
+            if attempt == "whole" or len(depths) == 1 or (attempt == "deep" and not whole):
                 raise
-            log.debug("shallow depths %s do not fit %s; simulating deeper", depths, spec.name)
+            log.debug("depths %s do not fit %s; simulating %s", depths, spec.name,
+                      "deeper" if attempt == "shallow" else "the whole depth")
     raise AssertionError("unreachable")
 
 

@@ -158,3 +158,16 @@ def test_the_new_catalog_models_plan_on_three_cards(name):
         assert p.need_bytes <= p.budget_bytes and p.estimate.source == "simulation"
     # a bigger card never gets a smaller micro-batch
     assert [p.batch_size for p in plans] == sorted(p.batch_size for p in plans)
+
+
+def test_an_encoder_whose_layers_share_relative_embeddings_is_simulated_whole():
+    # DeBERTa-v3 shares its relative position embeddings across layers: layer backwards differ, no extrapolation
+    spec = model.resolve(tiny_bert(layers=6, model_type="deberta-v2", relative_attention=True, position_buckets=32,
+                                   norm_rel_ebd="layer_norm", share_att_key=True, pos_att_type=["p2c", "c2p"],
+                                   position_biased_input=False, max_relative_positions=-1, type_vocab_size=0))
+    cfg = StepConfig(device="cpu")
+    est = memory.simulate_point(spec, cfg, batch_size=2, seq_len=64)
+    assert est.simulated_layers == (6,)
+    full = simulate.run(spec, cfg, batch_size=2, seq_len=64)
+    real = simulate.run(spec, cfg, batch_size=2, seq_len=64, fake=False)
+    assert est.peak_allocated == memory.device_peak(full) == real.peak()
