@@ -19,6 +19,7 @@ import torch
 
 from autofit import calibration, data, memory, probing, runs, validate
 from autofit.progress import counted, stage
+from autofit import seq2seq
 from autofit import gpu as gpus
 from autofit import model as models
 from autofit.errors import ConfigError, DoesNotFitError, SimulationError
@@ -289,7 +290,15 @@ def plan(
         effective_batch = DEFAULT_EFFECTIVE_BATCH
     adaptive = effective_batch is None
     target_batch = effective_batch or MAX_DEFAULT_BATCH
+    pairs = spec.task == "seq2seq-lm" and dataset is not None and seq2seq.is_pairs(dataset) and seq_len is None
+    if pairs:  # an encoder-decoder's data: a source and a target length, each from its side of the pairs
+        spec, seq_len, why = seq2seq.lengths_for(spec, dataset, tokenizer, seq_len)
+        reasons.append(why)
+        dataset = None
     seq, seq_source, truncated, lengths = _sequence_length(spec, seq_len, dataset, tokenizer, reasons, progress)
+    if pairs:
+        seq_source = "data"
+        reasons.remove(f"sequence length {seq} as asked")
     knobs = dict(precision=precision, optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha,
                  lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None)
     methods = ("full", "lora", "qlora") if method == "auto" else (method,)

@@ -82,3 +82,28 @@ def choose_lengths(pairs: list[tuple[str, str]], tokenizer, *, max_positions: in
     targets = np.array([len(tokenizer(t)["input_ids"]) for _, t in pairs], dtype=np.int64)
     return PairLengths(source=data.choose_seq_len(sources, max_positions=max_positions),
                        target=data.choose_seq_len(targets, max_positions=max_positions))
+
+
+def is_pairs(dataset) -> bool:
+    """Whether ``dataset`` is seq2seq data: a pairs file, or a list of (source, target) string pairs."""
+    if isinstance(dataset, (list, tuple)):
+        return bool(dataset) and all(isinstance(p, (list, tuple)) and len(p) == 2
+                                     and all(isinstance(x, str) for x in p) for p in dataset)
+    return is_pairs_file(dataset)
+
+
+def lengths_for(spec, dataset, tokenizer, seq_len: int | None):
+    """(spec with the target length, source length, reason) for an encoder-decoder planned on ``dataset`` (pairs);
+    a given ``seq_len`` or ``spec.target_len`` is kept. Raises ``ConfigError`` without a tokenizer."""
+    from dataclasses import replace
+
+    from autofit.errors import ConfigError
+
+    pairs = [tuple(p) for p in dataset] if isinstance(dataset, (list, tuple)) else load_pairs(dataset)
+    tok = tokenizer or data.load_tokenizer(spec.name)
+    if tok is None:
+        raise ConfigError(f"no tokenizer for {spec.name} in a local directory or the Hugging Face cache; pass "
+                          "tokenizer=..., or seq_len=... and a target length (model.resolve(name, target_len=N))")
+    lengths = choose_lengths(pairs, tok, max_positions=spec.max_positions)
+    target = spec.target_len or lengths.target.seq_len
+    return replace(spec, target_len=target), seq_len or lengths.source.seq_len, lengths.reason()

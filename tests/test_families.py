@@ -171,3 +171,18 @@ def test_an_encoder_whose_layers_share_relative_embeddings_is_simulated_whole():
     full = simulate.run(spec, cfg, batch_size=2, seq_len=64)
     real = simulate.run(spec, cfg, batch_size=2, seq_len=64, fake=False)
     assert est.peak_allocated == memory.device_peak(full) == real.peak()
+
+
+def test_plan_reads_source_and_target_lengths_from_pairs(tmp_path):
+    from autofit import data, planner
+
+    pairs = [("question: " + "why " * (30 + i % 90), "because " * (3 + i % 40)) for i in range(100)]
+    tok = data.build_tokenizer([s + " " + t for s, t in pairs])
+    p = planner.plan(tiny_t5(), "rtx3060", dataset=pairs, tokenizer=tok, method="full", gradient_checkpointing=False,
+                     effective_batch=8)
+    from autofit import seq2seq
+
+    lengths = seq2seq.choose_lengths(pairs, tok, max_positions=None)
+    assert (p.seq_len, p.target_len) == (lengths.source.seq_len, lengths.target.seq_len)
+    assert p.seq_len_source == "data" and any(r.startswith("source length") for r in p.reasons)
+    assert p.estimate.source == "simulation" and p.task == "seq2seq-lm"
