@@ -281,7 +281,9 @@ class Plan:
             f"  micro-batch          {self.batch_size} x {self.seq_len} tokens{largest}",
             f"  accumulation         {self.grad_accum} (effective batch {self.effective_batch})",
             f"  sequence length      {self.seq_len} ({self.seq_len_source}"
-            + (f", {self.truncated_share:.1%} of samples truncated" if self.truncated_share is not None else "") + ")",
+            + (f", {self.truncated_share:.1%} of samples truncated" if self.truncated_share is not None else "") + ")"
+            + (f"; target length {self.target_len or self.seq_len} ({self.task})" if self.task == "seq2seq-lm" else
+               f"; {self.task}" if self.task != "causal-lm" else ""),
             f"  checkpointing        {'on' if self.gradient_checkpointing else 'off'}",
             f"  precision            {self.precision}",
             f"  optimizer            {self.optimizer}",
