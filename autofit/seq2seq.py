@@ -43,7 +43,7 @@ def is_pairs_file(path) -> bool:
         with open(path, encoding="utf-8") as fh:
             first = fh.readline().strip()
         record = json.loads(first) if first and first != "[" else None
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # not readable as pairs: the text-data path says why
         return False
     return isinstance(record, dict) and any(s in record and t in record for s, t in PAIR_FIELDS)
 
@@ -61,7 +61,7 @@ def load_pairs(path) -> list[tuple[str, str]]:
     try:
         records = (json.loads(stripped) if stripped.startswith("[")
                    else [json.loads(line) for line in text.splitlines() if line.strip()])
-    except ValueError as err:
+    except (ValueError, RecursionError) as err:
         raise DataError(f"{name} is not JSON lines ({str(err).splitlines()[0]}); write one "
                         '{"source": ..., "target": ...} object per line') from None
     pairs = []
