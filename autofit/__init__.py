@@ -13,7 +13,7 @@ import importlib
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "estimate": "autofit.memory",
+    "estimate": "autofit.custom",  # autofit.memory.estimate, or the user's own step
     "MemoryEstimate": "autofit.memory",
     "StepModel": "autofit.memory",
     "GpuInfo": "autofit.gpu",

@@ -149,6 +149,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, required=True, metavar="N", help="per-device micro-batch")
     p.add_argument("--seq-len", type=int, required=True, metavar="N", help="tokens per sequence")
     _add_knobs(p)
+    _add_task(p)
     p.add_argument("--expandable-segments", action="store_true",
                    help="model PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True")
     p.add_argument("--plot", metavar="FILE", help="also write a PNG of the components against batch size")
@@ -190,6 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=16, metavar="N")
     p.add_argument("--lora-targets", type=_csv, default=None, metavar="A,B")
     p.add_argument("--margin", type=float, default=None, metavar="F", help=MARGIN_HELP)
+    _add_task(p)
     p.add_argument("--no-probe", action="store_true", help="plan from the estimate even when the card is present")
     p.add_argument("--probe-on", metavar="cuda:N", default=None,
                    help="probe on this device with its allocator capped at the planned card's budget, so a large "
@@ -333,6 +335,41 @@ def _print_json(obj) -> None:
     print(json.dumps(obj, indent=2, default=str))
 
 
+def _add_task(p) -> None:
+    p.add_argument("--task", default=None, metavar="TASK",
+                   help="the head trained: causal-lm, seq2seq-lm, classification (sequence), token (per-token "
+                        "classification); default: the model's own (T5/BART seq2seq, BERT-style encoders classification)")
+    p.add_argument("--target-len", type=int, default=None, metavar="N",
+                   help="encoder-decoders: target (decoder) tokens per sample; default: from source/target --data, "
+                        "else the source length")
+
+
+def _model_ref(args):
+    """The model as ``--task`` and ``--target-len`` (or seq2seq --data pairs) make it: a name, or a resolved spec
+    with the seq2seq lengths read from the pairs (args.seq_len and args.data updated)."""
+    data_path = getattr(args, "data", None)
+    task, target_len = getattr(args, "task", None), getattr(args, "target_len", None)
+    from autofit import model as models
+    from autofit import seq2seq
+
+    pairs = data_path is not None and seq2seq.is_pairs_file(data_path)
+    if task is None and target_len is None and not pairs:
+        return args.model
+    spec = models.resolve(args.model, task=task)
+    if pairs and spec.task == "seq2seq-lm":
+        from autofit import data
+
+        tok = data.load_tokenizer(spec.name)
+        if tok is None:
+            raise AutofitError(f"--data needs {spec.name}'s tokenizer in a local directory or the Hugging Face cache; "
+                               "without it, pass --seq-len and --target-len")
+        lengths = seq2seq.choose_lengths(seq2seq.load_pairs(data_path), tok, max_positions=spec.max_positions)
+        args.seq_len = args.seq_len or lengths.source.seq_len
+        target_len = target_len or lengths.target.seq_len
+        args.data = None
+    return models.resolve(spec, target_len=target_len) if target_len else spec
+
+
 # -- handlers ----------------------------------------------------------------------------------------------------------
 def _estimate(args) -> int:
     from autofit import memory as est
@@ -344,7 +381,7 @@ def _estimate(args) -> int:
     if args.run:
         return _estimate_run(args, progress)
     result = est.estimate(
-        args.model, args.gpu, batch_size=args.batch_size, seq_len=args.seq_len, method=args.method,
+        _model_ref(args), args.gpu, batch_size=args.batch_size, seq_len=args.seq_len, method=args.method,
         precision=args.precision, quantization=args.quantization,
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, lora_r=args.lora_r,
         lora_targets=args.lora_targets, expandable_segments=args.expandable_segments, progress=progress)
@@ -406,8 +443,9 @@ def _probe(args) -> int:
     progress = _Progress(not args.quiet and not args.json)
     kwargs = {} if args.margin is None else {"margin": args.margin}
     stand_in = args.probe_on is not None
+    model_ref = _model_ref(args)
     result = planner.plan(
-        args.model, args.gpu, seq_len=args.seq_len, effective_batch=args.effective_batch, method=args.method,
+        model_ref, args.gpu, seq_len=args.seq_len, effective_batch=args.effective_batch, method=args.method,
         dataset=args.data, quantization=args.quantization, precision=args.precision, lora_r=args.lora_r,
         lora_targets=args.lora_targets, optimizer=args.optimizer, eval_batch_size=args.eval_batch,
         reserved_by_others=args.reserved_by_others,

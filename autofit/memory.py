@@ -423,7 +423,8 @@ def _fit_envelope(sims: list[Simulation], spec: models.ModelSpec, target_layers:
             phases[slot] = point.phase
         for (block, _), count in counts.items():
             block_sizes.setdefault(block, set()).add(count)
-    uneven = [block for block, sizes in block_sizes.items() if len(sizes) > 1]
+    # a single depth observes every block as itself (no index model), so blocks may differ between layers there
+    uneven = [block for block, sizes in block_sizes.items() if len(sizes) > 1 and not single_depth]
     if uneven:
         raise _UnevenBlocks(f"blocks of the step differ between layers or simulations ({uneven[0]}); "
                             "cannot extrapolate depth", uneven[0][1])
@@ -517,6 +518,11 @@ def simulated_depths(spec: models.ModelSpec, *, deep: bool = False) -> tuple[int
 
     With ``deep``, (2p+1, 3p+1): two blocks of every kind past the first, for steps whose gaps between layers hold
     allocations (the shallow pair cannot fit those)."""
+    if spec.task == "seq2seq-lm":
+        # two stacks: the encoder runs inside the prologue of the decoder's layer marks, so its depth does not
+        # extrapolate with theirs; encoder-decoders people fine-tune on one card (T5, BART up to base size) have
+        # at most 12 layers a stack, simulated whole
+        return (spec.num_layers,)
     types = getattr(spec.config, "layer_types", None)
     period = _type_period(types) if types and len(set(types)) > 1 else 1
     depths = (2 * period + 1, 3 * period + 1) if deep else (period + 1, 2 * period + 1)
@@ -527,8 +533,12 @@ def simulate_depths(spec, cfg, shapes, progress, eval_batch_size=None, eval_with
                      ) -> tuple[tuple[int, ...], list[Simulation], "_Envelope"]:
     """Simulations of ``shapes`` at the shallow depths, or the deep ones when the shallow fit cannot be made; an
     evaluation pass of ``eval_batch_size`` (or, with ``eval_with_batch``, of each shape's batch) follows the steps."""
-    for deep in (False, True):
-        depths = simulated_depths(spec, deep=deep)
+    # An encoder whose layers share a tensor (DeBERTa's relative position embeddings, whose gradient the last layer's
+    # backward creates and the others add to) does not extrapolate; encoders people fine-tune on one card are base
+    # size (12 layers), simulated whole then.
+    whole = spec.task != "causal-lm" and spec.num_layers <= 24
+    for attempt in ("shallow", "deep", "whole") if whole else ("shallow", "deep"):
+        depths = (spec.num_layers,) if attempt == "whole" else simulated_depths(spec, deep=attempt == "deep")
         jobs = [simulate.Job(spec=spec, cfg=cfg, batch_size=b, seq_len=s, num_layers=d,
                              eval_batch_size=b if eval_with_batch else eval_batch_size)
                 for d in depths for b, s in shapes]
@@ -536,9 +546,10 @@ def simulate_depths(spec, cfg, shapes, progress, eval_batch_size=None, eval_with
         try:
             return depths, sims, fit_envelope(sims, spec, spec.num_layers)
         except SimulationError:
-            if deep or len(depths) == 1:
+            if attempt == "whole" or len(depths) == 1 or (attempt == "deep" and not whole):
                 raise
-            log.debug("shallow depths %s do not fit %s; simulating deeper", depths, spec.name)
+            log.debug("depths %s do not fit %s; simulating %s", depths, spec.name,
+                      "deeper" if attempt == "shallow" else "the whole depth")
     raise AssertionError("unreachable")
 
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType
@@ -23,9 +24,10 @@ import torch
 from torch import nn
 
 from autofit import validate
-from autofit.errors import ModelError
+from autofit.errors import ConfigError, ModelError
 from autofit.sim import kbit
-from autofit.sim.arch import ModelSpec, apply_lora, build, lora_targets, unique_params, with_layers
+from autofit.sim.arch import (ModelSpec, apply_lora, build, lora_targets, stack_depths, task_name, unique_params,
+                               with_layers)
 
 log = logging.getLogger(__name__)
 
@@ -79,8 +81,25 @@ def _config_from_dict(data: dict):
 
 
 # -- resolving references ----------------------------------------------------------------------------------------------
-def resolve(ref) -> ModelSpec:
-    """The ``ModelSpec`` of a model reference (see the module docstring). Raises ``ModelError``."""
+def resolve(ref, task: str | None = None, target_len: int | None = None) -> ModelSpec:
+    """The ``ModelSpec`` of a model reference (see the module docstring), with the head ``task`` names (see
+    ``autofit.sim.arch.TASKS``; None: the architecture's own) and, for an encoder-decoder, the ``target_len`` of its
+    batches (None: the source length). Raises ``ModelError`` or ``ConfigError``."""
+    if target_len is not None:
+        validate.integer("target_len", target_len, low=1, high=validate.MAX_SEQ_LEN)
+        spec = resolve(ref, task)
+        if spec.task != "seq2seq-lm":
+            raise ConfigError(f"{spec.name} is not an encoder-decoder; --target-len applies to seq2seq models "
+                              "(T5, BART) only")
+        spec.check_seq_len(target_len)
+        return dataclasses.replace(spec, target_len=target_len)
+    if task is not None:
+        spec = resolve(ref)
+        if spec.source == "module":
+            task = _module_task(spec.module, task)
+        canonical = task_name(task, spec.config)
+        return spec if canonical == spec.task else _spec(spec.name, spec.config, source=spec.source,
+                                                         module=spec.module, task=canonical)
     from transformers import PretrainedConfig
 
     if isinstance(ref, ModelSpec):
@@ -93,7 +112,7 @@ def resolve(ref) -> ModelSpec:
                 "pass a transformers model, its config, or a model name"
             )
         name = getattr(config, "_name_or_path", "") or type(ref).__name__
-        return _spec(name, copy.deepcopy(config), source="module", module=ref)
+        return _spec(name, copy.deepcopy(config), source="module", module=ref, task=_module_task(ref))
     if isinstance(ref, PretrainedConfig):
         return _spec(getattr(ref, "_name_or_path", "") or ref.model_type, copy.deepcopy(ref), source="config")
     if not isinstance(ref, (str, os.PathLike)):
@@ -122,6 +141,22 @@ def resolve(ref) -> ModelSpec:
         f"unknown model {text!r} (not a local directory, not in the Hugging Face cache, not in autofit's catalog); "
         f"{hint}run 'autofit models' for the catalog or pass a directory with config.json"
     )
+
+
+_MODULE_TASKS = (("ForConditionalGeneration", "seq2seq-lm"), ("ForSeq2SeqLM", "seq2seq-lm"),
+                 ("ForSequenceClassification", "sequence-classification"),
+                 ("ForTokenClassification", "token-classification"), ("ForCausalLM", "causal-lm"),
+                 ("LMHeadModel", "causal-lm"))
+
+
+def _module_task(module: nn.Module, task: str | None = None) -> str | None:
+    """The task a transformers model's class is built for (``BertForTokenClassification``: token-classification);
+    ``task`` when the class does not say."""
+    name = type(module.get_base_model() if hasattr(module, "get_base_model") else module).__name__
+    for suffix, found in _MODULE_TASKS:
+        if name.endswith(suffix):
+            return found
+    return task
 
 
 def _load_config(path: Path):
@@ -165,7 +200,9 @@ def _shape(config) -> dict:
     heads = get("num_attention_heads")
     kv = getattr(config, "num_key_value_heads", None) or heads
     head_dim = getattr(config, "head_dim", None) or hidden // heads
-    inter = getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * hidden
+    inter = (getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None)
+             or getattr(config, "d_ff", None) or getattr(config, "encoder_ffn_dim", None) or 4 * hidden)
+    # T5 has relative positions and no limit of its own; BART learns max_position_embeddings of them
     positions = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     return dict(
         hidden_size=hidden, num_heads=heads, num_kv_heads=kv, head_dim=head_dim, intermediate_size=inter,
@@ -173,16 +210,24 @@ def _shape(config) -> dict:
     )
 
 
-def _spec(name: str, config, *, source: str, module: nn.Module | None = None) -> ModelSpec:
+def _spec(name: str, config, *, source: str, module: nn.Module | None = None, task: str | None = None) -> ModelSpec:
     from transformers import AutoModelForCausalLM  # noqa: F401  (import errors surface here, not mid-plan)
 
     validate.model_config(config, name)
+    task = task_name(task, config)
     try:
         shape = _shape(config)
         num_layers = config.num_hidden_layers
+        if task == "seq2seq-lm":
+            encoder, decoder = stack_depths(config)
+            if encoder != decoder:
+                raise ModelError(f"{name} has {encoder} encoder and {decoder} decoder layers; autofit plans "
+                                 "encoder-decoder models whose stacks have the same depth (T5, BART)")
+            num_layers = decoder
     except AttributeError as err:
-        raise ModelError(f"{name}: config lacks {err.name}; autofit plans decoder-only language models") from None
-    counts = [_count_full(config, n) for n in (1, 2)]
+        raise ModelError(f"{name}: config lacks {err.name}; autofit plans decoder-only language models, "
+                         "encoder-decoders and encoders with task heads") from None
+    counts = [_count_full(config, n, task) for n in (1, 2)]
     layer_params = counts[1] - counts[0]
     non_layer = counts[0] - layer_params
     window = getattr(config, "sliding_window", None)
@@ -201,12 +246,13 @@ def _spec(name: str, config, *, source: str, module: nn.Module | None = None) ->
         lora_targets=lora_targets(config.model_type),
         source=source,
         module=module,
+        task=task,
         **shape,
     )
 
 
-def _count_full(config, num_layers: int) -> int:
-    model = build(with_layers(config, num_layers))
+def _count_full(config, num_layers: int, task: str = "causal-lm") -> int:
+    model = build(with_layers(config, num_layers), task=task)
     return sum(p.numel() for p in unique_params(model))
 
 
@@ -244,15 +290,15 @@ _COUNTS: dict[tuple, ParamCounts] = {}
 def _count_method(spec, num_layers, method, quantization, half, lora_r, targets) -> tuple[int, int, dict[str, int]]:
     config = with_layers(spec.config, num_layers)
     if method == "full":
-        model = build(config, dtype=torch.float32)
+        model = build(config, dtype=torch.float32, task=spec.task)
     else:
-        model = build(config, dtype=half)
+        model = build(config, dtype=half, task=spec.task)
         if quantization != "none":
             kbit.quantize_linears(model, quantization, compute_dtype=half)
             kbit.upcast_non_quantized(model)
         for p in model.parameters():
             p.requires_grad_(False)
-        model = apply_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0, targets=targets)
+        model = apply_lora(model, r=lora_r, alpha=2 * lora_r, dropout=0.0, targets=targets, task=spec.task)
     total = trainable = 0
     by_dtype: dict[str, int] = {}
     for p in unique_params(model):

@@ -19,6 +19,7 @@ import torch
 
 from autofit import calibration, data, memory, probing, runs, validate
 from autofit.progress import counted, stage
+from autofit import seq2seq
 from autofit import gpu as gpus
 from autofit import model as models
 from autofit.errors import ConfigError, DoesNotFitError, SimulationError
@@ -114,7 +115,8 @@ def throughput(spec: models.ModelSpec, cfg: StepConfig, card: gpus.GpuInfo, *, b
         bandwidth, weight_width = card.bandwidth_gbs or GENERIC_BANDWIDTH, 2
     tokens = batch_size * seq_len
     layer_weights = spec.num_layers * spec.layer_params
-    head = spec.hidden_size * spec.vocab_size
+    # a classification head's (hidden x labels) FLOPs are negligible; language models project onto the vocabulary
+    head = spec.hidden_size * spec.vocab_size if spec.task in ("causal-lm", "seq2seq-lm") else 0
     # forward FLOPs per token: 2 per weight of each matmul plus causal attention (Kaplan et al. 2020, eq. 2.2)
     attention = 2 * spec.num_layers * seq_len * spec.num_heads * spec.head_dim
     forward = 2 * (layer_weights + head) + attention
@@ -296,7 +298,15 @@ def plan(
         effective_batch = DEFAULT_EFFECTIVE_BATCH
     adaptive = effective_batch is None
     target_batch = effective_batch or MAX_DEFAULT_BATCH
+    pairs = spec.task == "seq2seq-lm" and dataset is not None and seq2seq.is_pairs(dataset) and seq_len is None
+    if pairs:  # an encoder-decoder's data: a source and a target length, each from its side of the pairs
+        spec, seq_len, why = seq2seq.lengths_for(spec, dataset, tokenizer, seq_len)
+        reasons.append(why)
+        dataset = None
     seq, seq_source, truncated, lengths = _sequence_length(spec, seq_len, dataset, tokenizer, reasons, progress)
+    if pairs:
+        seq_source = "data"
+        reasons.remove(f"sequence length {seq} as asked")
     knobs = dict(precision=precision, optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha,
                  lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None)
     methods = ("full", "lora", "qlora") if method == "auto" else (method,)
@@ -429,7 +439,7 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
         seq_len_source=seq_source, truncated_share=truncated, alternatives=alternatives,
         expandable_segments=expandable, run=run, need_bytes=need,
         largest_batch=max(cand.largest, cand.batch_size), gradient_bytes=GRADIENT_BYTES * trainable,
-        trainable_params=trainable,
+        trainable_params=trainable, task=spec.task, target_len=spec.target_len,
     )
 
 

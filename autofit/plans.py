@@ -102,9 +102,13 @@ class Plan:
     largest_batch: int | None = None  # the largest micro-batch that fits, whatever the effective batch
     gradient_bytes: int | None = None  # the trainable parameters' gradients once all exist (not all live at the peak)
     trainable_params: int | None = None
+    task: str = "causal-lm"  # the head trained (autofit.sim.arch.TASKS)
+    target_len: int | None = None  # an encoder-decoder's target (decoder) tokens per sample; None: seq_len
 
     def __post_init__(self) -> None:
         validate.plan_fields(self)
+        if self.task not in arch.TASKS:
+            raise ConfigError(f"the plan's task must be one of {', '.join(arch.TASKS)}; got {self.task!r}")
         if self.batch_size * self.grad_accum != self.effective_batch:
             raise ConfigError(f"batch_size x grad_accum must equal effective_batch ({self.batch_size} x "
                               f"{self.grad_accum} != {self.effective_batch})")
@@ -124,8 +128,14 @@ class Plan:
                 f"of {fmt_bytes(self.budget_bytes)}, {self.source})")
 
     # -- handing the plan to training code -------------------------------------------------------------------------
-    def training_arguments(self, output_dir: str = "out", **overrides):
-        """``transformers.TrainingArguments`` for this plan; ``overrides`` win.
+    def training_arguments(self, output_dir: str = "out", *, cls=None, **overrides):
+        """``transformers.TrainingArguments`` for this plan (or ``cls``, a subclass such as TRL's ``SFTConfig``);
+        ``overrides`` win.
+
+        A class with ``max_length`` gets the plan's sequence length there; one with ``packing`` (TRL's ``SFTConfig``)
+        gets ``packing=True`` with the ``"wrapped"`` strategy: full rows of ``seq_len`` tokens in ordinary batches,
+        the batch the estimate simulated. Padding-free batches (``packing_strategy="bfd"``, or ``padding_free=True``;
+        FlashAttention only) hold at most as many tokens, so the plan holds for them as an upper bound.
 
         A plan for a GPU built into arguments on a machine without CUDA fails transformers' own check; pass
         ``use_cpu=True, bf16=False, fp16=False`` to build them there anyway (a dry run). Raises ``ConfigError``.
@@ -134,7 +144,10 @@ class Plan:
 
         from transformers import TrainingArguments
 
-        fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+        cls = cls or TrainingArguments
+        if not (isinstance(cls, type) and issubclass(cls, TrainingArguments)):
+            raise ConfigError(f"cls must be TrainingArguments or a subclass (TRL's SFTConfig); got {cls!r}")
+        fields = {f.name for f in dataclasses.fields(cls)}
         # transformers 5 renamed gradient checkpointing to activation checkpointing; use the name it has
         ckpt = "activation_checkpointing" if "activation_checkpointing" in fields else "gradient_checkpointing"
         kwargs = dict(
@@ -152,9 +165,13 @@ class Plan:
             kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": False}
         if self.gpu.source == "host":
             kwargs["use_cpu"] = True
+        if "max_length" in fields:
+            kwargs["max_length"] = self.seq_len
+        if "packing" in fields:
+            kwargs.update(packing=True, packing_strategy="wrapped")
         kwargs.update(overrides)
         try:
-            return TrainingArguments(**kwargs)
+            return cls(**kwargs)
         except ValueError as err:
             raise ConfigError(f"transformers rejects these arguments here: {str(err).splitlines()[0]} (this plan is "
                               f"for {self.gpu.name}; without it, pass use_cpu=True, bf16=False, fp16=False)") from None
@@ -170,7 +187,8 @@ class Plan:
             type(m).__name__ == "Conv1D" for name, m in model.named_modules()
             if name.rsplit(".", 1)[-1] in self.lora_targets or self.lora_targets == (arch.ALL_LINEAR,))
         return LoraConfig(r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout,
-                          target_modules=arch.peft_targets(self.lora_targets), task_type="CAUSAL_LM", fan_in_fan_out=transposed)
+                          target_modules=arch.peft_targets(self.lora_targets), task_type=arch._PEFT_TASK[self.task],
+                          fan_in_fan_out=transposed)
 
     def quantization_config(self):
         """The transformers ``BitsAndBytesConfig`` of this plan, or None when weights stay 16-bit."""
@@ -264,7 +282,9 @@ class Plan:
             f"  micro-batch          {self.batch_size} x {self.seq_len} tokens{largest}",
             f"  accumulation         {self.grad_accum} (effective batch {self.effective_batch})",
             f"  sequence length      {self.seq_len} ({self.seq_len_source}"
-            + (f", {self.truncated_share:.1%} of samples truncated" if self.truncated_share is not None else "") + ")",
+            + (f", {self.truncated_share:.1%} of samples truncated" if self.truncated_share is not None else "") + ")"
+            + (f"; target length {self.target_len or self.seq_len} ({self.task})" if self.task == "seq2seq-lm" else
+               f"; {self.task}" if self.task != "causal-lm" else ""),
             f"  checkpointing        {'on' if self.gradient_checkpointing else 'off'}",
             f"  precision            {self.precision}",
             f"  optimizer            {self.optimizer}",

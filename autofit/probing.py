@@ -245,7 +245,7 @@ def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps
     device.reset()
     last = None
     for _ in range(steps):
-        batch = simulate.make_batch(batch_size, seq_len, spec.vocab_size, device=device.torch_device)
+        batch = simulate.spec_batch(spec, cfg, batch_size, seq_len, device=device.torch_device)
         device.sync()
         started = time.perf_counter()
         simulate.train_step(model, optimizer, params, cfg, batch, autocast)
@@ -254,7 +254,7 @@ def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps
         del batch
     if eval_batch_size:
         model.eval()
-        batch = simulate.make_batch(eval_batch_size, seq_len, spec.vocab_size, device=device.torch_device)
+        batch = simulate.spec_batch(spec, cfg, eval_batch_size, seq_len, device=device.torch_device)
         simulate.eval_step(model, cfg, batch, autocast)
         del batch
     used = device.used_now()
@@ -435,7 +435,8 @@ def probe(plan, *, spec=None, device=None, isolate: bool = False, use_cache: boo
     configuration that measured fastest. Raises ``ProbeError`` when there is no device to probe or nothing runs."""
     validate.probe_inputs(plan, plan_type=Plan, isolate=isolate, use_cache=use_cache, rank=rank,
                           max_trials=max_trials)
-    spec = models.resolve(spec if spec is not None else plan.model_name)
+    spec = models.resolve(spec if spec is not None else plan.model_name, task=None if spec is not None else plan.task,
+                          target_len=None if spec is not None else plan.target_len)
     validate.plan_for_model(plan, spec)
     if device is None:
         if not torch.cuda.is_available() or plan.gpu.index is None:

@@ -135,6 +135,9 @@ def train(
         tell(f"reading {data}")
     samples = datasets.load_samples(data) if not isinstance(data, (list, tuple)) else validate.samples(data)
     spec = models.resolve(model)
+    if spec.task != "causal-lm":
+        raise ConfigError(f"train() fine-tunes causal language models; {spec.name} trains as {spec.task}: take its "
+                          "plan into your own Trainer (plan.training_arguments()), Lightning or loop (README)")
     tok = tokenizer or datasets.load_tokenizer(spec.name if spec.source != "module" else model)
     if tok is None:
         if not random_init:

@@ -226,21 +226,34 @@ def _causal_types() -> tuple[frozenset[str], frozenset[str]]:
     return frozenset(MODEL_FOR_CAUSAL_LM_MAPPING_NAMES), frozenset(MODEL_FOR_MASKED_LM_MAPPING_NAMES)
 
 
-def model_config(config, name: str) -> None:
-    """A transformers config autofit can plan: a decoder-only causal language model with sane shape figures.
+@functools.cache
+def _head_types() -> tuple[frozenset[str], frozenset[str]]:
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES)
 
-    Encoder-decoder models (T5, BART) and encoders trained as masked LMs (BERT, RoBERTa) are refused until autofit
-    supports those families. Raises ``ModelError``."""
+    return (frozenset(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES),
+            frozenset(MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES))
+
+
+def model_config(config, name: str) -> None:
+    """A transformers config autofit can plan, with sane shape figures: a decoder-only causal language model, an
+    encoder-decoder transformers builds as a seq2seq LM (T5, BART), or an encoder with task heads (BERT, RoBERTa,
+    DeBERTa). Raises ``ModelError``."""
     model_type = getattr(config, "model_type", None) or "?"
     causal, masked = _causal_types()
-    what = ("autofit plans decoder-only causal language models (GPT-2, Llama, Qwen, Gemma, Mistral, Phi, ...) until "
-            "support for other families lands; pass one of those (autofit models lists them)")
+    seq2seq, classify = _head_types()
+    what = ("autofit plans decoder-only causal language models (GPT-2, Llama, Qwen, ...), encoder-decoders (T5, "
+            "BART) and encoders with task heads (BERT, RoBERTa, DeBERTa); pass one of those (autofit models lists them)")
     if getattr(config, "is_encoder_decoder", False):
-        raise ModelError(f"{name} is an encoder-decoder model ({model_type}); {what}")
-    if model_type not in causal:
+        if model_type not in seq2seq:
+            raise ModelError(f"{name} is an encoder-decoder model ({model_type}) transformers has no seq2seq LM for; "
+                             f"{what}")
+    elif model_type in masked and not getattr(config, "is_decoder", False):
+        if model_type not in classify:
+            raise ModelError(f"{name} is an encoder ({model_type}) transformers has no classification head for; "
+                             f"{what}")
+    elif model_type not in causal:
         raise ModelError(f"{name}: transformers has no causal language model for model_type {model_type!r}; {what}")
-    if model_type in masked and not getattr(config, "is_decoder", False):
-        raise ModelError(f"{name} is an encoder ({model_type}, a masked language model), not a causal one; {what}")
     for names, (low, high) in _CONFIG_INTS.items():
         key = names[0]
         value = getattr(config, key, None)
@@ -261,7 +274,7 @@ def module_names(spec) -> frozenset[str]:
     if spec.module is not None:
         return frozenset(name.rsplit(".", 1)[-1] for name, _ in spec.module.named_modules() if name)
     if spec.fingerprint not in _MODULE_NAMES:
-        model = arch.build(arch.with_layers(spec.config, 1))
+        model = arch.build(arch.with_layers(spec.config, 1), task=spec.task)
         _MODULE_NAMES[spec.fingerprint] = frozenset(name.rsplit(".", 1)[-1] for name, _ in model.named_modules()
                                                     if name)
     return _MODULE_NAMES[spec.fingerprint]

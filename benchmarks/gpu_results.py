@@ -187,6 +187,20 @@ def _section_d(rows: list[dict]) -> list[str]:
     return lines + [""] + [f"Targets, {v}." for v in verdicts] + [""]
 
 
+def _section_fam(rows: list[dict]) -> list[str]:
+    ran = [r for r in rows if r.get("outcome") == "fits"]
+    lines = [f"## fam. Model families: {len(ran)} configurations of encoder-decoders and encoders", "",
+             "| model | task | batch x len (target) | outcome | allocated est / measured | allocated | "
+             "reserved est / measured | reserved |", "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r.get('task', '?')} | {r['batch_size']} x {r['seq_len']}"
+                     f"{' (' + str(r['target_len']) + ')' if r.get('target_len') else ''} | {r['outcome']} | "
+                     f"{_size(r.get('predicted_allocated'))} / {_size(r.get('measured_allocated'))} | "
+                     f"{_pct(r.get('error_allocated'))} | {_size(r.get('predicted_reserved'))} / "
+                     f"{_size(r.get('measured_reserved'))} | {_pct(r.get('error_reserved'))} |")
+    return lines + [""]
+
+
 def _section_runs(rows: list[dict]) -> list[str]:
     steps = sorted({m["step"] for r in rows for m in r.get("marks", [])})
     at = " / ".join(str(s) for s in steps)
@@ -256,7 +270,7 @@ def summary_markdown(rows: Sequence[dict], *, runs_in_file: int = 1) -> str:
     if by.get("schedule"):
         lines += _section_schedule(by["schedule"], env)
     for key, section in (("a", _section_a), ("b", _section_b), ("c", _section_c), ("d", _section_d),
-                         ("runs", _section_runs)):
+                         ("runs", _section_runs), ("fam", _section_fam)):
         if by.get(key):
             lines += section(by[key])
     if by.get("note"):

@@ -20,6 +20,9 @@ c. Plan quality under the RTX 3060 cap: the plan's measured tokens per second ag
    (method x checkpointing x the micro-batch the estimate puts at the cap and the sizes either side).
 d. Probe cost against accelerate's ``find_executable_batch_size`` and doubling-then-bisect
    (``probe_vs_baselines.py``), capped at 10 GiB.
+fam (model families): t5-base (an encoder-decoder, 256 source and 64 target tokens) and bert-base-uncased (an
+   encoder with a classification head, 256 tokens), full fine-tuning at two batch sizes each: the estimate
+   (simulated at full depth for T5, extrapolated for BERT) against allocated and reserved peaks of real steps.
 runs (issue 10): 30 steps whose padded length changes every step (lengths drawn from a fixed distribution, fixed
    seed), six configurations (distilgpt2 and TinyLlama-1.1B x full bf16-mixed, full bf16-true and LoRA, checkpointing
    split between them, so each model has each precision once and each precision both settings); peaks after steps
@@ -76,6 +79,8 @@ B_ASSUMED_BATCH = planner.DEFAULT_EFFECTIVE_BATCH  # what the schedule assumes b
 C_CARD = 1  # index into the cards: the RTX 3060's 12 GB
 D_MODELS = ["distilgpt2", "HuggingFaceTB/SmolLM2-135M"]
 D_BUDGET, D_SEQ, D_TRIALS, D_BATCH = "10GiB", 256, 26, 32  # the last two: the cost prior's trials and mean batch
+FAM_MODELS = ["t5-base", "bert-base-uncased"]
+FAM_POINTS, FAM_SEQ, FAM_TARGET = (4, 16), 256, 64  # batch sizes; source (or only) length; T5's target length
 RUN_MODELS = ["distilgpt2", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"]  # GPT-2 and a Llama-style model of 1.1B
 RUN_PRECISIONS = ["bf16-mixed", "bf16-true", "lora"]  # "lora": a bf16 base with fp32 adapters under autocast
 RUN_STEPS, RUN_MARKS, RUN_BATCH, RUN_MAX_LEN, RUN_SEED = 30, (2, 10, 30), 8, 1024, 15
@@ -196,6 +201,11 @@ def build_parts(*, dry: bool, methods: list[str], specs: dict, wanted: list[str]
                        params=specs[name].total_params, builds=D_TRIALS, tokens=D_TRIALS * 2 * D_BATCH * D_SEQ,
                        args=(name,)) for name in (models or D_MODELS)]
             parts["d"], parts["d-more"] = units[:1], [replace(u, part="d-more") for u in units[1:]]
+    if "fam" in wanted:
+        seq = DRY["seq"] if dry else FAM_SEQ
+        parts["fam"] = [U(part="fam", label=f"{_short(name)} full b{b} s{seq}", kind="trial",
+                          params=specs[name].total_params, tokens=_work(A_STEPS * b * seq, "full", False),
+                          args=(name, b, seq)) for name in FAM_MODELS for b in FAM_POINTS]
     if "runs" in wanted:
         batch = DRY["run_batch"] if dry else RUN_BATCH
         lengths = _lengths(dry)
@@ -208,7 +218,7 @@ def build_parts(*, dry: bool, methods: list[str], specs: dict, wanted: list[str]
                            args=(name, precision, ck)))
         parts["runs"], parts["runs-more"] = units[:6], [replace(u, part="runs-more") for u in units[6:]]
     # each part's required core first, in the issue's order; what only adds more of the same after all of them
-    order = ["a", "b", "c", "d", "runs", "c-more", "d-more", "a-more", "runs-more"]
+    order = ["a", "b", "c", "d", "runs", "fam", "c-more", "d-more", "a-more", "runs-more"]
     return [(p, parts[p]) for p in order if parts.get(p)]
 
 
@@ -220,7 +230,7 @@ def _lengths(dry: bool) -> list[int]:
 
 def model_names(wanted: list[str], models: list[str] | None) -> list[str]:
     names = []
-    for part, default in (("a", A_MODELS), ("b", BC_MODELS), ("c", BC_MODELS), ("d", D_MODELS)):
+    for part, default in (("a", A_MODELS), ("b", BC_MODELS), ("c", BC_MODELS), ("d", D_MODELS), ("fam", FAM_MODELS)):
         if part in wanted:
             names += models or default
     return list(dict.fromkeys(names))
@@ -525,7 +535,19 @@ def run_runs(unit, ctx: Context):
     print(f"runs {unit.label:<49} reserved after step {measured}{predicted}", flush=True)
 
 
-RUNNERS = {"a": run_a, "a-more": run_a, "b": run_b, "c": run_c, "c-more": run_c, "d": run_d, "d-more": run_d,
+def run_fam(unit, ctx: Context):
+    name, b, s = unit.args
+    spec = ctx.specs[name]
+    if spec.task == "seq2seq-lm":
+        spec = model.resolve(spec, target_len=DRY["seq"] // 2 if ctx.dry else FAM_TARGET)
+    cfg = common.step_config(ctx.card, "full", False, ctx.dry)
+    row = common.measure(spec, cfg, common.device(ctx.dry), b, s, steps=A_STEPS)
+    ctx.log.append({"section": "fam", "task": spec.task, "target_len": spec.target_len, **row})
+    print(f"fam {unit.label:<40} {row['outcome']:<4} reserved {results._pct(row['error_reserved'])} allocated "
+          f"{results._pct(row['error_allocated'])}", flush=True)
+
+
+RUNNERS = {"fam": run_fam, "a": run_a, "a-more": run_a, "b": run_b, "c": run_c, "c-more": run_c, "d": run_d, "d-more": run_d,
            "runs": run_runs, "runs-more": run_runs}
 
 
@@ -573,7 +595,7 @@ def main(argv=None) -> int:
     parser.add_argument("--schedule", action="store_true", help="print the planned units and stop")
     parser.add_argument("--summarize", default=None, metavar="DIR", help="rebuild DIR/summary.md from its results")
     parser.add_argument("--dry-run", action="store_true", help="the budgeted CPU device, 2-layer shapes")
-    parser.add_argument("--parts", default="a,b,c,d,runs")
+    parser.add_argument("--parts", default="a,b,c,d,runs,fam")
     parser.add_argument("--models", default=None, help="comma-separated: replaces every part's models but the runs'")
     parser.add_argument("--qlora", choices=("auto", "on", "off"), default="auto",
                         help="QLoRA rows: when bitsandbytes imports (auto), always (on; --schedule only) or never")

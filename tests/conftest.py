@@ -67,3 +67,33 @@ def _no_disk_cache(monkeypatch, request):
     from autofit.sim import simulate
 
     simulate._CACHE.clear()
+
+
+def tiny_t5(layers: int = 2, **overrides):
+    from transformers import T5Config
+
+    kwargs = dict(num_layers=layers, num_decoder_layers=layers, d_model=64, d_ff=128, d_kv=16, num_heads=4,
+                  vocab_size=256, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1,
+                  feed_forward_proj="gated-gelu", tie_word_embeddings=False)  # flan-t5's (t5 v1.1) block
+    kwargs.update(overrides)
+    return T5Config(**kwargs)
+
+
+def tiny_bart(layers: int = 2, **overrides):
+    from transformers import BartConfig
+
+    kwargs = dict(encoder_layers=layers, decoder_layers=layers, d_model=64, encoder_ffn_dim=128,
+                  decoder_ffn_dim=128, encoder_attention_heads=4, decoder_attention_heads=4, vocab_size=256,
+                  max_position_embeddings=128, pad_token_id=1, bos_token_id=0, eos_token_id=2,
+                  decoder_start_token_id=2, forced_eos_token_id=2)
+    kwargs.update(overrides)
+    return BartConfig(**kwargs)
+
+
+def tiny_bert(layers: int = 2, model_type: str = "bert", **overrides):
+    from transformers import AutoConfig
+
+    kwargs = dict(num_hidden_layers=layers, hidden_size=64, intermediate_size=128, num_attention_heads=4,
+                  vocab_size=256, max_position_embeddings=128, num_labels=3, pad_token_id=0)
+    kwargs.update(overrides)
+    return AutoConfig.for_model(model_type, **kwargs)

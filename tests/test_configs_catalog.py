@@ -21,7 +21,10 @@ CONFIG_DIR = Path(__file__).resolve().parents[1] / "autofit" / "configs"
 CONFIG_FILES = sorted(CONFIG_DIR.glob("*.json"))
 
 REQUIRED_KEYS = {"name", "aliases", "source", "params", "params_source", "config"}
-OPTIONAL_KEYS = {"unconfirmed_fields"}
+OPTIONAL_KEYS = {"unconfirmed_fields", "params_of", "head_tied_by_transformers"}
+# Which transformers class ``params`` counts, for entries that are not causal LMs (encoders are counted as their base
+# model, the figure sources publish; encoder-decoders as the class their sources counted).
+PARAMS_OF = {"AutoModel": transformers.AutoModel, "AutoModelForSeq2SeqLM": transformers.AutoModelForSeq2SeqLM}
 
 # Architecture fields that must survive the trip through transformers unchanged when a config sets them.
 ARCH_FIELDS = (
@@ -48,10 +51,12 @@ def build_config(config: dict) -> transformers.PretrainedConfig:
     return transformers.AutoConfig.for_model(model_type, **kwargs)
 
 
-def build_meta_model(config: dict) -> torch.nn.Module:
-    """The causal-LM for ``config`` with every weight on the meta device: shapes only, no memory."""
+def build_meta_model(config: dict, params_of: str | None = None) -> torch.nn.Module:
+    """The causal-LM (or the ``params_of`` class) for ``config`` with every weight on the meta device: shapes only,
+    no memory."""
+    cls = PARAMS_OF[params_of] if params_of else transformers.AutoModelForCausalLM
     with torch.device("meta"):
-        return transformers.AutoModelForCausalLM.from_config(build_config(config))
+        return cls.from_config(build_config(config))
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -85,7 +90,10 @@ def test_entry_is_well_formed(path: Path):
     config = entry["config"]
     assert isinstance(config, dict)
     assert isinstance(config.get("model_type"), str)
-    assert isinstance(config.get("architectures"), list) and config["architectures"]
+    if "params_of" in entry:
+        assert entry["params_of"] in PARAMS_OF
+    else:  # a causal LM's published config names its class (an encoder's need not: deberta-v3's does not)
+        assert isinstance(config.get("architectures"), list) and config["architectures"]
     if "unconfirmed_fields" in entry:
         assert isinstance(entry["unconfirmed_fields"], list) and entry["unconfirmed_fields"]
 
@@ -98,6 +106,9 @@ def test_config_builds_and_param_count_matches(path: Path):
     cfg = build_config(config)
     assert cfg.model_type == config["model_type"]
     for field in ARCH_FIELDS:
+        if field == "tie_word_embeddings" and "head_tied_by_transformers" in entry:
+            assert cfg.tie_word_embeddings, "transformers was expected to tie this head whatever the config says"
+            continue
         if field in config:
             assert getattr(cfg, field) == config[field], f"{field} did not survive: {getattr(cfg, field)!r}"
     if "sliding_window" in config and config.get("use_sliding_window", True):
@@ -108,10 +119,12 @@ def test_config_builds_and_param_count_matches(path: Path):
         for key, value in config["rope_scaling"].items():
             assert cfg.rope_parameters[key] == value, key
 
-    model = build_meta_model(config)
-    assert type(model).__name__ == config["architectures"][0]
+    model = build_meta_model(config, entry.get("params_of"))
+    if "params_of" not in entry:
+        assert type(model).__name__ == config["architectures"][0]
     assert all(p.device.type == "meta" for p in model.parameters())
-    assert count_params(model) == entry["params"], (
+    # the published figure counts a head that this transformers ties to the embedding (see the entry's source)
+    assert count_params(model) == entry["params"] - entry.get("head_tied_by_transformers", 0), (
         f"{entry['name']}: built {count_params(model):,} parameters, catalog says {entry['params']:,}"
     )
 

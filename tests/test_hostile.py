@@ -51,7 +51,8 @@ def files(tmp_path_factory):
     f["config-notype"] = _config_dir(root, "config-notype", {k: v for k, v in gpt2.items() if k != "model_type"})
     f["config-unknowntype"] = _config_dir(root, "config-unknowntype", {**gpt2, "model_type": "nosuchtype"})
     f["t5"] = _config_dir(root, "t5", {"model_type": "t5", "d_model": 64, "num_layers": 2, "num_heads": 4,
-                                       "vocab_size": 256, "d_ff": 128, "d_kv": 16})
+                                       "vocab_size": 256, "d_ff": 128, "d_kv": 16,
+                                       "num_decoder_layers": 3})  # stacks of unequal depth
     f["bert"] = _config_dir(root, "bert", {"model_type": "bert", "hidden_size": 64, "num_hidden_layers": 2,
                                            "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 256,
                                            "architectures": ["BertForMaskedLM"]})
@@ -185,8 +186,10 @@ CLI_ERRORS = [
     ("config-vocab-0", model("{vocab0}"), {}, "vocab_size must be"),
     ("config-hidden-text", model("{hidden-big}"), {}, "n_embd must be"),
     ("config-positions-nan", model("{positions-nan}"), {}, "n_positions must be"),
-    ("config-t5", model("{t5}"), {}, "encoder-decoder"),
-    ("config-bert", model("{bert}"), {}, "is an encoder (bert"),
+    ("config-t5-uneven-stacks", model("{t5}"), {}, "whose stacks have the same depth"),
+    ("config-bert-as-causal-lm", model("{bert}") + ["--task", "causal-lm"], {}, "is an encoder, not a causal"),
+    ("task-unknown", model("{bert}") + ["--task", "summarize"], {}, "task must be one of"),
+    ("target-len-on-a-decoder", model("distilgpt2") + ["--target-len", "64"], {}, "not an encoder-decoder"),
     ("dir-without-config", model("{empty-dir}"), {}, "has no config.json"),
     ("plot-into-a-folder", est(plot="{empty-dir}"), {}, "is a folder"),
     ("plot-under-a-file", est(plot="{a-file}/mem.png"), {}, "which is a file"),
@@ -233,7 +236,7 @@ CLI_ERRORS = [
     ("inspect-lora-r-0", ["inspect", "distilgpt2", "--lora-r", "0"], {}, "lora_r must be"),
     ("inspect-lora-r-huge", ["inspect", "distilgpt2", "--lora-r", "100000"], {}, "768 wide"),
     ("inspect-targets-empty", ["inspect", "distilgpt2", "--lora-targets", ","], {}, "names no module"),
-    ("inspect-t5", ["inspect", "{t5}"], {}, "encoder-decoder"),
+    ("inspect-t5", ["inspect", "{t5}"], {}, "whose stacks have the same depth"),
     # cache
     ("cache-clear-on-a-file", ["cache", "clear"], {"AUTOFIT_CACHE": "{a-file}"}, "cannot clear the cache"),
     ("cache-bad-action", ["cache", "purge"], {}, "invalid choice"),
@@ -397,10 +400,11 @@ API_ERRORS = [
     ("plan-dataset-blank", _plan(seq_len=None, dataset=["", "  \n"]), DataError, "all 2 samples are blank"),
     ("plan-dataset-numbers", _plan(seq_len=None, dataset=[1, 2]), DataError, "sample 0 is 1 (a int)"),
     ("plan-seq-string", _plan(seq_len="64"), ConfigError, "pass the number 64"),
-    ("plan-config-bert", lambda f: planner.plan(__import__("transformers").BertConfig(), "rtx3060", seq_len=64),
-     ModelError, "is an encoder (bert"),
-    ("plan-config-t5", lambda f: planner.plan(__import__("transformers").T5Config(), "rtx3060", seq_len=64),
-     ModelError, "encoder-decoder"),
+    ("plan-config-bert", lambda f: planner.plan(__import__("autofit.model").model.resolve(
+        __import__("transformers").BertConfig(), task="causal-lm"), "rtx3060", seq_len=64),
+     ConfigError, "is an encoder, not a causal"),
+    ("plan-config-t5", lambda f: planner.plan(__import__("transformers").T5Config(num_decoder_layers=3), "rtx3060",
+                                              seq_len=64), ModelError, "whose stacks have the same depth"),
     ("from-json-string", lambda f: Plan.from_json('"x"'), ConfigError, "holds a JSON object"),
     ("from-json-list", lambda f: Plan.from_json("[]"), ConfigError, "got a JSON list"),
     ("from-json-garbage", lambda f: Plan.from_json("not json"), ConfigError, "not JSON"),

@@ -1,7 +1,8 @@
 """Architectures on the ``meta`` device: what the simulation engine needs to know about a model and how it builds one.
 
-``ModelSpec`` describes an architecture (its config, shape and exact parameter counts); ``build`` makes a causal-LM of a
-config on ``meta`` (no memory, no weights), ``with_layers`` cuts its depth, ``apply_lora`` adds peft adapters.
+``ModelSpec`` describes an architecture (its config, task head, shape and exact parameter counts); ``build`` makes the
+model of a config and task on ``meta`` (no memory, no weights), ``with_layers`` cuts its depth (both stacks of an
+encoder-decoder), ``apply_lora`` adds peft adapters.
 Resolving a user's model reference to a ``ModelSpec`` is the public layer's job (``autofit.model``).
 """
 
@@ -21,12 +22,61 @@ from autofit.errors import ConfigError, ModelError
 # examples adapt for them (Phi-3 fuses q, k and v into one projection).
 _EXTRA_LORA_TARGETS = {"phi3": ("qkv_proj",)}
 
+# What a model is trained to do, which decides its head, its batch and its loss:
+# - "causal-lm": a decoder-only language model (logits over the vocabulary at every position);
+# - "seq2seq-lm": an encoder-decoder (T5, BART) with a source length and a target length;
+# - "sequence-classification": an encoder with a head over the pooled sequence (one label per sequence);
+# - "token-classification": an encoder with a head over every token (one label per token).
+TASKS = ("causal-lm", "seq2seq-lm", "sequence-classification", "token-classification")
+TASK_ALIASES = {"lm": "causal-lm", "causal": "causal-lm", "seq2seq": "seq2seq-lm", "classification":
+                "sequence-classification", "cls": "sequence-classification", "sequence": "sequence-classification",
+                "token": "token-classification", "ner": "token-classification", "tagging": "token-classification"}
+# Encoder-only families: transformers has no causal-LM use for them that anyone fine-tunes, so a config of one of
+# these is planned as an encoder with a sequence-classification head unless another task is asked.
+ENCODER_TYPES = frozenset({"bert", "roberta", "xlm-roberta", "deberta", "deberta-v2", "distilbert", "electra",
+                           "albert", "camembert", "mpnet", "modernbert"})
+# peft's task types: they decide what get_peft_model wraps (a classification head stays trainable in full).
+_PEFT_TASK = {"causal-lm": "CAUSAL_LM", "seq2seq-lm": "SEQ_2_SEQ_LM", "sequence-classification": "SEQ_CLS",
+              "token-classification": "TOKEN_CLS"}
+
+
+def task_name(task: str | None, config) -> str:
+    """The canonical task for ``config``: ``task`` (or an alias such as ``"classification"``) when given, else the
+    config's own (encoder-decoder: seq2seq-lm; an encoder family: sequence-classification; else causal-lm).
+    Raises ``ConfigError`` for an unknown task or one the architecture cannot do."""
+    encoder_decoder = bool(getattr(config, "is_encoder_decoder", False))
+    if task is None:
+        if encoder_decoder:
+            return "seq2seq-lm"
+        return "sequence-classification" if config.model_type in ENCODER_TYPES else "causal-lm"
+    canonical = TASK_ALIASES.get(task, task) if isinstance(task, str) else task
+    if canonical not in TASKS:
+        raise ConfigError(f"task must be one of {', '.join(TASKS)} (or classification, token); got {task!r}")
+    if encoder_decoder != (canonical == "seq2seq-lm"):
+        kind = "an encoder-decoder" if encoder_decoder else "not an encoder-decoder"
+        raise ConfigError(f"{config.model_type} is {kind}; task {canonical} does not apply to it "
+                          f"(use --task {'seq2seq-lm' if encoder_decoder else 'causal-lm or classification'})")
+    if canonical == "causal-lm" and config.model_type in ENCODER_TYPES and not getattr(config, "is_decoder", False):
+        raise ConfigError(f"{config.model_type} is an encoder, not a causal language model; use --task "
+                          "classification or --task token-classification")
+    return canonical
+
+
+def _auto_class(task: str):
+    import transformers
+
+    return {"causal-lm": transformers.AutoModelForCausalLM, "seq2seq-lm": transformers.AutoModelForSeq2SeqLM,
+            "sequence-classification": transformers.AutoModelForSequenceClassification,
+            "token-classification": transformers.AutoModelForTokenClassification}[task]
+
 
 @dataclass(frozen=True, kw_only=True, slots=True)
 class ModelSpec:
     """An architecture autofit can plan for: its config, shape and exact parameter counts.
 
     ``total_params`` is ``non_layer_params + num_layers * layer_params`` exactly (decoder layers are identical).
+    For an encoder-decoder, ``num_layers`` is the depth of each stack (autofit takes stacks of equal depth, as T5 and
+    BART have them) and a "layer" is one encoder layer and one decoder layer together.
     """
 
     name: str
@@ -48,8 +98,17 @@ class ModelSpec:
     lora_targets: tuple[str, ...]
     source: str  # "catalog", "config", "directory", "hf-cache" or "module"
     module: nn.Module | None = field(default=None, compare=False, repr=False)
+    task: str = "causal-lm"  # one of TASKS: decides the head, the batch and the loss
+    # Target (decoder) length of an encoder-decoder's batches; None: the source length. A plan varies the batch and
+    # the source length and keeps the target length fixed, so it belongs to the model as it is trained.
+    target_len: int | None = None
 
     def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        if self.target_len is not None and (self.task != "seq2seq-lm" or self.target_len <= 0):
+            raise ConfigError(f"a target length applies to encoder-decoders only, and must be positive; got "
+                              f"{self.target_len} for a {self.task} model")
         for name in ("num_layers", "hidden_size", "num_heads", "head_dim", "vocab_size", "total_params"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
@@ -59,7 +118,8 @@ class ModelSpec:
     @property
     def fingerprint(self) -> str:
         """A stable digest of the architecture (name and config), for caching simulations."""
-        text = self.name + self.config.to_json_string(use_diff=False)
+        text = self.name + self.config.to_json_string(use_diff=False) + ("" if self.task == "causal-lm" else self.task)
+        text += "" if self.target_len is None else f" target {self.target_len}"
         return hashlib.sha1(text.encode()).hexdigest()[:16]
 
     def check_seq_len(self, seq_len: int) -> None:
@@ -73,9 +133,24 @@ class ModelSpec:
             )
 
 
+def stack_depths(config) -> tuple[int, int]:
+    """(encoder layers, decoder layers) of an encoder-decoder config (T5's and BART's names)."""
+    if config.model_type in ("t5", "mt5", "umt5", "longt5"):
+        return config.num_layers, config.num_decoder_layers
+    return config.encoder_layers, config.decoder_layers
+
+
 def with_layers(config, num_layers: int):
-    """A copy of ``config`` with ``num_layers`` decoder layers (per-layer lists such as ``layer_types`` cut to fit)."""
+    """A copy of ``config`` with ``num_layers`` decoder layers (per-layer lists such as ``layer_types`` cut to fit);
+    for an encoder-decoder, ``num_layers`` in each stack."""
     config = copy.deepcopy(config)
+    if getattr(config, "is_encoder_decoder", False):
+        if config.model_type in ("t5", "mt5", "umt5", "longt5"):
+            config.num_layers = config.num_decoder_layers = num_layers
+        else:
+            config.encoder_layers = config.decoder_layers = num_layers
+        config.num_hidden_layers = num_layers
+        return config
     config.num_hidden_layers = num_layers
     for key in ("layer_types",):
         values = getattr(config, key, None)
@@ -84,16 +159,32 @@ def with_layers(config, num_layers: int):
     return config
 
 
-def build(config, *, dtype: torch.dtype = torch.float32) -> nn.Module:
-    """A causal-LM model of ``config`` on the meta device (no memory, no weights)."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"), warnings.catch_warnings():
+def build(config, *, dtype: torch.dtype = torch.float32, task: str = "causal-lm", device: str = "meta") -> nn.Module:
+    """The ``task`` model of ``config`` (a causal LM by default) on ``device`` (``meta``: no memory, no weights)."""
+    with torch.device(device), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return AutoModelForCausalLM.from_config(config, dtype=dtype)
+            return _auto_class(task).from_config(config, dtype=dtype)
         except ValueError as err:
-            raise ModelError(f"transformers cannot build a causal LM from this config: {err}") from None
+            raise ModelError(f"transformers cannot build a {task} model from this config: "
+                             f"{str(err).splitlines()[0]}") from None
+
+
+def layer_stack(model: nn.Module, task: str = "causal-lm") -> nn.ModuleList:
+    """The ModuleList of repeated layers whose marks drive depth extrapolation: the decoder's for an
+    encoder-decoder (the encoder runs before it, inside the step's prologue), else the longest list of modules of
+    one class."""
+    best = None
+    for name, module in model.named_modules():
+        if not (isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1):
+            continue
+        if task == "seq2seq-lm" and "decoder" not in name.split("."):
+            continue
+        if best is None or len(module) > len(best):
+            best = module
+    if best is None:
+        raise ModelError(f"cannot find the repeated layers of {type(model).__name__}")
+    return best
 
 
 def lora_targets(model_type: str) -> tuple[str, ...]:
@@ -105,7 +196,8 @@ def lora_targets(model_type: str) -> tuple[str, ...]:
 
 
 def apply_lora(
-    model: nn.Module, *, r: int, alpha: int, dropout: float, targets: tuple[str, ...], device: str = "meta"
+    model: nn.Module, *, r: int, alpha: int, dropout: float, targets: tuple[str, ...], device: str = "meta",
+    task: str = "causal-lm",
 ) -> nn.Module:
     """``model`` with peft LoRA adapters created on ``device`` (fp32, as peft makes them)."""
     from peft import LoraConfig, get_peft_model
@@ -115,7 +207,7 @@ def apply_lora(
     if not targets:
         raise ModelError("no LoRA target modules known for this architecture; pass them (lora_targets, --lora-targets a,b)")
     config = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, target_modules=peft_targets(targets),
-                        task_type="CAUSAL_LM")
+                        task_type=_PEFT_TASK[task])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:

@@ -135,11 +135,15 @@ def _quantizable_linears(model: nn.Module):
     """(parent, name, child, (in, out, has_bias)) for every linear layer but the output head, as transformers'
     bitsandbytes integration swaps them; a list, so the caller may replace children while walking it."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    # a task head (BERT-style "classifier", "score") stays unquantized too: transformers keeps the model's last
+    # module out of the conversion, and peft trains the head in full (modules_to_save), which a quantized one cannot
+    task_heads = {id(m) for name in ("classifier", "score") if isinstance(getattr(model, name, None), nn.Module)
+                  for m in getattr(model, name).modules()}
     found = []
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             shape = _linear_shape(child)
-            if shape is not None and child is not head:
+            if shape is not None and child is not head and id(child) not in task_heads:
                 found.append((parent, name, child, shape))
     return found
 
@@ -239,10 +243,8 @@ def build_bnb_model(spec, cfg, device: str) -> nn.Module:
     on the host, every linear layer but the head swapped for bitsandbytes' and quantized as it moves to the device
     (as ``from_pretrained(quantization_config=...)`` does), norms upcast, peft LoRA adapters on top."""
     import bitsandbytes as bnb
-    from transformers import AutoModelForCausalLM
 
-    with torch.device("cpu"):
-        model = AutoModelForCausalLM.from_config(spec.config, dtype=cfg.half)
+    model = arch.build(spec.config, dtype=cfg.half, task=spec.task, device="cpu")
     for parent, name, child, (d_in, d_out, has_bias) in _quantizable_linears(model):
         weight = child.weight.data if isinstance(child, nn.Linear) else child.weight.data.t().contiguous()
         if cfg.quantization == "4bit":
@@ -259,4 +261,4 @@ def build_bnb_model(spec, cfg, device: str) -> nn.Module:
     model = model.to(device)
     targets = cfg.lora_targets or spec.lora_targets
     return arch.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha or 2 * cfg.lora_r, dropout=cfg.lora_dropout,
-                             targets=targets, device=device)
+                             targets=targets, device=device, task=spec.task)

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTensor, FakeTensorMode
 
-from autofit.errors import ConfigError, SimulationError
+from autofit.errors import ConfigError, ModelError, SimulationError
 from autofit.files import atomic_file
 from autofit.sim import arch, attention, kbit
 from autofit.sim.cuda_autocast import CudaAutocast
@@ -166,12 +166,13 @@ class Simulation:
 def build_model(spec: arch.ModelSpec, cfg: StepConfig, num_layers: int, *, device: str = "meta") -> nn.Module:
     """The model ``cfg.method`` trains, with ``num_layers`` decoder layers, on ``device`` (``meta`` or ``cpu``)."""
     config = arch.with_layers(spec.config, num_layers)
-    dtype = cfg.weights_dtype
-    with torch.device(device), warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        from transformers import AutoModelForCausalLM
-
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = arch.build(config, dtype=cfg.weights_dtype, task=spec.task, device=device)
+    if spec.task == "sequence-classification" and getattr(model.config, "problem_type", None) is None \
+            and model.config.num_labels > 1:
+        # What BERT-style heads decide on their first batch of integer labels. DeBERTa's head never decides and
+        # instead gathers the rows whose label is >= 0 (a data-dependent count fake tensors cannot give); with an
+        # unpadded batch every row is kept, and the gather only copies the (batch, labels) logits, a few KiB.
+        model.config.problem_type = "single_label_classification"
     if cfg.method == "full":
         return model
     if cfg.quantization != "none":
@@ -181,22 +182,18 @@ def build_model(spec: arch.ModelSpec, cfg: StepConfig, num_layers: int, *, devic
         p.requires_grad_(False)
     targets = cfg.lora_targets or spec.lora_targets
     model = arch.apply_lora(model, r=cfg.lora_r, alpha=cfg.lora_alpha or 2 * cfg.lora_r, dropout=cfg.lora_dropout,
-                              targets=targets, device=device)
+                              targets=targets, device=device, task=spec.task)
     if cfg.quantization != "none":
         kbit.use_bnb_lora_forward(model)
     return model
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The ModuleList of decoder layers: the longest list of modules of one class."""
-    best = None
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
-            if best is None or len(module) > len(best):
-                best = module
-    if best is None:
-        raise SimulationError(f"cannot find the decoder layers of {type(model).__name__}")
-    return best
+def decoder_layers(model: nn.Module, task: str = "causal-lm") -> nn.ModuleList:
+    """The ModuleList of repeated layers the recorder marks (an encoder-decoder's decoder layers)."""
+    try:
+        return arch.layer_stack(model, task)
+    except ModelError as err:
+        raise SimulationError(str(err)) from None
 
 
 # -- imitating CUDA on the CPU ----------------------------------------------------------------------------------------
@@ -232,6 +229,31 @@ def imitate_cuda(cfg: StepConfig, kernels: list[str]) -> Iterator[CudaAutocast]:
         finally:
             masking.is_tracing = original_is_tracing
 
+    original_causal_skip = masking._ignore_causal_mask_sdpa
+    original_bidirectional_skip = masking._ignore_bidirectional_mask_sdpa
+
+    def answered_as_real(original, answer):
+        # Whether SDPA may skip an all-ones padding mask: transformers reads the mask, which fake tensors cannot
+        # answer, so it builds a full mask instead. Run the same ops as a real mask would, and where the data is
+        # read, answer as a real unpadded batch does (every token kept).
+        def wrapper(padding_mask, *args, **kwargs):
+            if not isinstance(padding_mask, FakeTensor):
+                return original(padding_mask, *args, **kwargs)
+            masking.is_tracing = lambda *a, **k: False
+            try:
+                return original(padding_mask, *args, **kwargs)
+            except DataDependentOutputException:
+                return answer(*args, **kwargs)
+            finally:
+                masking.is_tracing = original_is_tracing
+        return wrapper
+
+    # causal: training reads the mask only where q_length == kv_length, and an unpadded mask is then skipped;
+    # bidirectional: skipped unless a local window applies
+    masking._ignore_causal_mask_sdpa = answered_as_real(original_causal_skip, lambda *a, **k: True)
+    masking._ignore_bidirectional_mask_sdpa = answered_as_real(
+        original_bidirectional_skip,
+        lambda kv_length, local_attention_size=None: local_attention_size is None or kv_length < local_attention_size)
     torch.is_autocast_enabled = is_autocast_enabled
     masking.find_packed_sequence_indices = find_packed_sequence_indices
     try:
@@ -243,6 +265,8 @@ def imitate_cuda(cfg: StepConfig, kernels: list[str]) -> Iterator[CudaAutocast]:
     finally:
         torch.is_autocast_enabled = original_enabled
         masking.find_packed_sequence_indices = original_packed
+        masking._ignore_causal_mask_sdpa = original_causal_skip
+        masking._ignore_bidirectional_mask_sdpa = original_bidirectional_skip
 
 
 # -- the optimizer and the step -------------------------------------------------------------------------------------
@@ -322,12 +346,30 @@ def _set_phase(tracker: Tracker, recorder: _Recorder, step: int, phase: int, lab
     tracker.mark(f"{step}:{label}")
 
 
-def make_batch(batch_size: int, seq_len: int, vocab: int, device=None) -> dict:
-    """The batch a language-modelling collator hands a Trainer: ids, an all-ones attention mask, labels, and the
-    count of label tokens the Trainer passes as ``num_items_in_batch``; random ids are as good as text for memory."""
+def make_batch(batch_size: int, seq_len: int, vocab: int, device=None, *, task: str = "causal-lm",
+               target_len: int | None = None, num_labels: int = 2) -> dict:
+    """The batch a collator hands a Trainer for ``task``: ids, an all-ones attention mask, labels, and the count of
+    labels the Trainer passes as ``num_items_in_batch``; random ids are as good as text for memory.
+
+    Labels: the ids themselves for a causal LM; ``target_len`` target ids for an encoder-decoder (the model shifts
+    them right into its decoder inputs); one class per sequence or per token for classification heads."""
     input_ids = torch.randint(0, vocab, (batch_size, seq_len), device=device)
+    if task == "seq2seq-lm":
+        labels = torch.randint(0, vocab, (batch_size, target_len or seq_len), device=device)
+    elif task == "sequence-classification":
+        labels = torch.randint(0, num_labels, (batch_size,), device=device)
+    elif task == "token-classification":
+        labels = torch.randint(0, num_labels, (batch_size, seq_len), device=device)
+    else:
+        labels = input_ids.clone()
     return dict(input_ids=input_ids, attention_mask=torch.ones((batch_size, seq_len), dtype=torch.long, device=device),
-                labels=input_ids.clone(), num_items_in_batch=torch.tensor(batch_size * seq_len, device=device))
+                labels=labels, num_items_in_batch=torch.tensor(labels.numel(), device=device))
+
+
+def spec_batch(spec: arch.ModelSpec, cfg: StepConfig, batch_size: int, seq_len: int, device=None) -> dict:
+    """``make_batch`` for ``spec``'s task (its vocabulary, labels and, for an encoder-decoder, ``spec.target_len``)."""
+    return make_batch(batch_size, seq_len, spec.vocab_size, device, task=spec.task, target_len=spec.target_len,
+                      num_labels=getattr(spec.config, "num_labels", 2))
 
 
 def _model_inputs(batch: dict) -> dict:
@@ -394,10 +436,10 @@ def eval_step(model, cfg: StepConfig, batch: dict, autocast) -> None:
         del outputs
 
 
-def _traced_step(model, optimizer, params, cfg, autocast, tracker, recorder, step, batch_size, seq_len, vocab,
+def _traced_step(model, optimizer, params, cfg, autocast, tracker, recorder, step, batch_size, seq_len, spec,
                  grad_uids):
     _set_phase(tracker, recorder, step, INPUTS, "inputs")
-    batch = make_batch(batch_size, seq_len, vocab)
+    batch = spec_batch(spec, cfg, batch_size, seq_len)
     train_step(model, optimizer, params, cfg, batch, autocast,
                mark=lambda phase, label: _set_phase(tracker, recorder, step, phase, label),
                on_grads=lambda grads: grad_uids.update(tracker.uid(g) for g in grads))
@@ -461,7 +503,7 @@ def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels, ev
         params = [p for p in arch.unique_params(model) if p.requires_grad]
         tracker = Tracker(budget=budget)
         tracker.adopt(list(model.parameters()) + list(model.buffers()))
-        recorder = _Recorder(tracker, decoder_layers(model))
+        recorder = _Recorder(tracker, decoder_layers(model, spec.task))
         optimizer = make_optimizer(params, cfg.optimizer)
         step_peaks, grad_uids = [], set()
         try:
@@ -470,7 +512,7 @@ def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels, ev
                 for step in range(1, steps + 1):
                     tracker.reset_peak()
                     _traced_step(model, optimizer, params, cfg, autocast, tracker, recorder, step,
-                                 batch_size, seq_len, spec.vocab_size, grad_uids)
+                                 batch_size, seq_len, spec, grad_uids)
                     step_peaks.append(tracker.peak)
                 eval_peak = None
                 if eval_batch_size:
@@ -479,7 +521,7 @@ def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels, ev
                     tracker.tag = 10 * (steps + 1) + EVAL
                     tracker.mark(f"{steps + 1}:eval")
                     tracker.reset_peak()
-                    batch = make_batch(eval_batch_size, seq_len, spec.vocab_size)
+                    batch = spec_batch(spec, cfg, eval_batch_size, seq_len)
                     eval_step(model, cfg, batch, autocast)
                     del batch
                     eval_peak = tracker.peak
