@@ -174,7 +174,8 @@ def _parser() -> argparse.ArgumentParser:
             epilog="The plan's TrainingArguments: Plan.from_json(open('plan.json').read()).training_arguments()",
             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
-    p.add_argument("--gpu", default=None, help="card to plan for (rtx3060, 12GiB, cuda:0, cpu); default: detected")
+    p.add_argument("--gpu", default=None, nargs="+", help="card to plan for (rtx3060, 12GiB, cuda:0, cpu; several: "
+                   "2x rtx3080-20gb or rtx3090,rtx3080-20gb); default: detected")
     p.add_argument("--seq-len", type=int, default=None, metavar="N", help=SEQ_LEN_HELP)
     p.add_argument("--effective-batch", type=_effective_batch, default=None, metavar="N|max",
                    help=EFFECTIVE_BATCH_HELP)
@@ -190,6 +191,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-r", type=int, default=16, metavar="N")
     p.add_argument("--lora-targets", type=_csv, default=None, metavar="A,B")
     p.add_argument("--margin", type=float, default=None, metavar="F", help=MARGIN_HELP)
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="plan for N cards of --gpu (or N detected cards): DDP or FSDP2, launched by accelerate")
+    p.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), default="auto",
+                   help="with several cards: DDP (a replica per card) or FSDP2 (sharded); auto picks")
     p.add_argument("--no-probe", action="store_true", help="plan from the estimate even when the card is present")
     p.add_argument("--probe-on", metavar="cuda:N", default=None,
                    help="probe on this device with its allocator capped at the planned card's budget, so a large "
@@ -396,10 +401,16 @@ def _probe(args) -> int:
     from autofit import gpu as gpus
     from autofit import planner, validate
 
+    if isinstance(args.gpu, list):  # --gpu 2x rtx3080-20gb, or RTX 4060 Laptop, unquoted
+        args.gpu = " ".join(args.gpu)
     if args.no_cache:
         os.environ["AUTOFIT_CACHE"] = "off"
     if args.out:
         validate.file_path(args.out)  # before minutes of planning, not after
+    from autofit import distributed
+
+    if distributed.several(args.gpu, args.gpus) or (args.gpu is None and len(gpus.detect()) > 1):
+        return _probe_world(args)
     if args.gpu is None and not gpus.detect():
         raise AutofitError("no CUDA GPU detected, so there is no card to probe; plan for the card you will train on "
                            "with --gpu, e.g. autofit probe MODEL --gpu rtx3060 (autofit gpus lists the names)")
@@ -441,6 +452,35 @@ def _probe(args) -> int:
         present = bool(gpus.detect())
         print("  note: planned from the estimate for this card" + (" (pass --gpu cuda:N to probe the card present)"
                                                                       if present else "; no GPU here to probe"))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _probe_world(args) -> int:
+    """``autofit probe`` for several cards: the world's plan, from the estimate (see ``autofit.distributed``)."""
+    from autofit import distributed
+
+    progress = _Progress(not args.quiet and not args.json)
+    kwargs = {} if args.margin is None else {"margin": args.margin}
+    result = distributed.plan(
+        args.model, args.gpu, gpus_count=args.gpus, strategy=args.strategy, effective_batch=args.effective_batch,
+        method=args.method, seq_len=args.seq_len, dataset=args.data, quantization=args.quantization,
+        precision=args.precision, lora_r=args.lora_r, lora_targets=args.lora_targets, optimizer=args.optimizer,
+        eval_batch_size=args.eval_batch, reserved_by_others=args.reserved_by_others,
+        gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
+        progress=progress, **kwargs)
+    progress.done()
+    if args.out:
+        from autofit.files import write_atomic
+
+        write_atomic(args.out, json.dumps(result.to_dict(), indent=2))
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    print(as_flags(result.summary()))
+    print("  note: planned from the estimate; several cards are not probed (a trial would run on every rank at "
+          "once: autofit.distributed.trial_on_every_rank agrees an out-of-memory across ranks)")
     if args.out:
         print(f"wrote {args.out}")
     return 0
