@@ -174,7 +174,7 @@ def _parser() -> argparse.ArgumentParser:
             epilog="The plan's TrainingArguments: Plan.from_json(open('plan.json').read()).training_arguments()",
             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
-    p.add_argument("--gpu", default=None, nargs="+", help="card to plan for (rtx3060, 12GiB, cuda:0, cpu; several: "
+    p.add_argument("--gpu", default=None, help="card to plan for (rtx3060, 12GiB, cuda:0, cpu; several: "
                    "2x rtx3080-20gb or rtx3090,rtx3080-20gb); default: detected")
     p.add_argument("--seq-len", type=int, default=None, metavar="N", help=SEQ_LEN_HELP)
     p.add_argument("--effective-batch", type=_effective_batch, default=None, metavar="N|max",
@@ -281,11 +281,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _joined_counts(argv: list[str]) -> list[str]:
+    """``--gpu 2x rtx3080-20gb`` typed without quotes: the count joined to the card that follows it."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if out and out[-1] == "--gpu" and re.fullmatch(r"\d+[x*]", argv[i]) and i + 1 < len(argv):
+            out.append(f"{argv[i]} {argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line ``argv``; returns the exit status (0, 2 for an error, 130 / 143 when interrupted)."""
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_joined_counts(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as stop:  # --help, or a malformed argument (printed on one line)
         return stop.code if isinstance(stop.code, int) else 2
     if args.command is None:
@@ -401,8 +415,6 @@ def _probe(args) -> int:
     from autofit import gpu as gpus
     from autofit import planner, validate
 
-    if isinstance(args.gpu, list):  # --gpu 2x rtx3080-20gb, or RTX 4060 Laptop, unquoted
-        args.gpu = " ".join(args.gpu)
     if args.no_cache:
         os.environ["AUTOFIT_CACHE"] = "off"
     if args.out:

@@ -420,8 +420,9 @@ def _strength(rank) -> tuple:
 
 def plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, strategy: str = "auto",
          effective_batch: int | str | None = None, margin: float | None = None,
-         gradient_as_bucket_view: bool = False, **kwargs) -> WorldPlan:
-    """The fastest plan for ``model`` on several cards (see ``world`` for what ``gpu``/``gpus_count`` take).
+         gradient_as_bucket_view: bool = False, **kwargs):
+    """The fastest plan for ``model`` on one card or several (see ``world`` for what ``gpu``/``gpus_count`` take):
+    ``autofit.plan``. One card (no count, one spec): ``planner.plan``'s ``Plan``, with ``kwargs`` passed on.
 
     ``strategy``: "ddp", "fsdp" or "auto" (the stronger training setup, full fine-tuning with fp32 master weights
     first, then the faster). ``effective_batch``: the world's, kept exactly (it must divide by the world size); None
@@ -431,6 +432,10 @@ def plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, stra
     from autofit import model as models
     from autofit import planner
 
+    if not several(gpu, gpus_count) and nodes == 1:
+        if strategy not in ("auto",) + STRATEGIES:
+            raise ConfigError(f"strategy must be auto, ddp or fsdp; got {strategy!r}")
+        return planner.plan(model, gpu, effective_batch=effective_batch, margin=margin, **kwargs)
     w = world(gpu, gpus_count, nodes=nodes)
     if strategy not in ("auto",) + STRATEGIES:
         raise ConfigError(f"strategy must be auto, ddp or fsdp; got {strategy!r}")

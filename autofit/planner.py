@@ -250,19 +250,7 @@ def plan(
     available is the budget). ``probe`` (None: when the card is present) confirms the plan with trial steps on the
     card. Raises
     ``DoesNotFitError`` when nothing fits, naming what binds and every way out, in one line.
-
-    Several cards (``gpu="2x rtx3080-20gb"``, ``"rtx3090,rtx3080-20gb"`` or a list of specs or ``GpuInfo``) give a
-    ``distributed.WorldPlan``: DDP or FSDP2, each rank planned here (see ``autofit.distributed``).
     """
-    from autofit import distributed
-
-    if distributed.several(gpu):
-        return distributed.plan(
-            model, gpu, seq_len=seq_len, effective_batch=effective_batch, method=method, dataset=dataset,
-            tokenizer=tokenizer, margin=margin, precision=precision, optimizer=optimizer, quantization=quantization,
-            lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
-            gradient_checkpointing=gradient_checkpointing, eval_batch_size=eval_batch_size,
-            reserved_by_others=reserved_by_others, progress=progress)
     spec = models.resolve(model)
     reasons: list[str] = []
     card = _card(gpu, reasons)

@@ -228,15 +228,17 @@ def test_agree_without_a_process_group_is_the_local_flag():
 
 # -- plans ----------------------------------------------------------------------------------------------------------
 def test_ddp_plan_keeps_the_effective_batch_over_the_ranks():
-    from autofit import planner
+    import autofit
+    from autofit.plans import Plan
 
-    p = planner.plan("distilgpt2", "2x rtx3080-20gb", seq_len=256)  # several cards: the world's plan
+    p = autofit.plan("distilgpt2", "2x rtx3080-20gb", seq_len=256)  # several cards: the world's plan
     assert isinstance(p, d.WorldPlan) and p.strategy == "ddp" and p.world_size == 2
     assert p.batch_size * p.grad_accum * 2 == p.effective_batch == 16  # the default, spread over the GPUs
     assert p.rank_need == sum(p.rank_parts.values()) <= p.rank_budget
     trainable = p.rank.trainable_params
     assert p.rank_parts["DDP gradient buckets"] == 4 * trainable  # fp32 gradients, copied into the buckets
     assert p.comm_bytes == int(2 * (2 - 1) / 2 * 4 * trainable)  # one ring all-reduce per optimizer step
+    assert isinstance(autofit.plan("distilgpt2", "rtx3080-20gb", seq_len=256), Plan)  # one card: the planner's
     wide = d.plan("distilgpt2", "rtx3080-20gb", gpus_count=2, seq_len=256, effective_batch=64)
     assert wide.batch_size * wide.grad_accum * 2 == wide.effective_batch == 64
     args = wide.training_arguments("out", use_cpu=True, bf16=False, fp16=False)
