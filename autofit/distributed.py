@@ -285,6 +285,7 @@ class WorldPlan:
     bucket_cap_mb: int = BUCKET_CAP_MB
     gradient_as_bucket_view: bool = False
     layer_class: str | None = None
+    host_load_bytes: int = 0  # host RAM one machine needs while its ranks load the model (see ``host_load``)
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -368,7 +369,8 @@ class WorldPlan:
                     grad_accum=self.rank.grad_accum, seq_len=self.rank.seq_len, rank_parts=dict(self.rank_parts),
                     rank_need=self.rank_need, rank_budget=self.rank_budget, memory_source=self.memory_source,
                     comm_bytes=self.comm_bytes, comm_seconds=self.comm_seconds, step_seconds=self.step_seconds,
-                    tokens_per_second=self.tokens_per_second, link=self.world.link.kind,
+                    tokens_per_second=self.tokens_per_second, host_load_bytes=self.host_load_bytes,
+                    link=self.world.link.kind,
                     link_gbs=self.world.link.gbs, reasons=list(self.reasons),
                     accelerate_config=self.accelerate_config(), launch_command=self.launch_command(),
                     rank_plan=self.rank.to_dict())
@@ -398,6 +400,9 @@ class WorldPlan:
             f"({fmt_bytes(self.headroom_bytes)} headroom) on the tightest card",
             f"    ({self.memory_source})",
         ]
+        lines.append(f"  host RAM             {fmt_bytes(self.host_load_bytes)} per machine while loading "
+                     + ("(each rank materialises its own copy)" if self.strategy == "ddp" else
+                        "(rank 0 loads, the others start on the meta device: fsdp_cpu_ram_efficient_loading)"))
         width = max(len(k) for k in self.rank_parts)
         lines += [f"    {k:<{width}}  {fmt_bytes(v):>11}" for k, v in self.rank_parts.items()]
         lines.append("  why:")
@@ -483,6 +488,17 @@ _STRATEGY_NEEDS = {"ddp": "a whole replica and its gradient buckets per rank",
                    "fsdp": "a shard per rank and the layers gathered in flight"}
 
 
+def host_load(spec, rank_plan, w: World, strategy: str) -> int:
+    """Bytes of host RAM one machine needs while its ranks load the model: the weights as loaded (fp32 where full
+    fine-tuning keeps fp32 master weights, else 16-bit) once per rank under DDP, where every rank materialises its copy
+    before moving it to its card; once per machine under FSDP2 with ``fsdp_cpu_ram_efficient_loading`` (rank 0
+    loads, the other ranks build on the meta device and receive their shards)."""
+    cfg = rank_plan.step_config
+    width = 4 if cfg.method == "full" and cfg.precision in ("bf16-mixed", "16-mixed", "32-true") else 2
+    copies = w.per_node if strategy == "ddp" else 1
+    return copies * width * spec.total_params
+
+
 def _layer_class(spec) -> str:
     """The class name of the model's decoder layers (what FSDP wraps one unit at a time)."""
     from autofit.sim import simulate
@@ -546,6 +562,16 @@ def _plan_strategy(spec, w: World, strategy: str, rank_batch, margin, bucket_vie
     else:
         reasons.append(f"FSDP2: weights, gradients and optimizer state divided over {w.size} ranks; the root "
                        f"(embeddings, head) and {IN_FLIGHT_LAYERS} layers gathered at a time")
+    host = host_load(spec, rank_plan, w, strategy)
+    detected = all(c.source in ("nvml", "torch") for c in w.cards)
+    if detected:  # the cards are here, so this machine is the one that loads
+        available = gpus.host_memory().free_bytes
+        reasons.append(f"host RAM while loading: {fmt_bytes(host)} of the {fmt_bytes(available)} available now"
+                       + ("" if host <= available else "; too little: FSDP loads on rank 0 only (--strategy fsdp)"
+                          if strategy == "ddp" else "; too little: free RAM or add swap before launching"))
+    else:
+        reasons.append(f"host RAM while loading: {fmt_bytes(host)} per machine "
+                       + (f"({w.per_node} ranks, a copy each)" if strategy == "ddp" else "(rank 0 loads)"))
     source = ("single-card step simulated; DDP's buckets and NCCL's buffers added by named components (analytic)"
               if strategy == "ddp" else
               "single-card step simulated; sharding and gathered layers by named components (analytic)")
@@ -553,7 +579,7 @@ def _plan_strategy(spec, w: World, strategy: str, rank_batch, margin, bucket_vie
                      effective_batch=rank_plan.effective_batch * w.size, rank_parts=parts, rank_need=sum(parts.values()),
                      rank_budget=real_budget, memory_source=source, comm_bytes=comm, comm_seconds=exposed,
                      step_seconds=step, tokens_per_second=tokens / step, reasons=tuple(reasons),
-                     gradient_as_bucket_view=bucket_view,
+                     gradient_as_bucket_view=bucket_view, host_load_bytes=host,
                      layer_class=_layer_class(spec) if strategy == "fsdp" else None)
 
 

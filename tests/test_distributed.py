@@ -238,6 +238,7 @@ def test_ddp_plan_keeps_the_effective_batch_over_the_ranks():
     trainable = p.rank.trainable_params
     assert p.rank_parts["DDP gradient buckets"] == 4 * trainable  # fp32 gradients, copied into the buckets
     assert p.comm_bytes == int(2 * (2 - 1) / 2 * 4 * trainable)  # one ring all-reduce per optimizer step
+    assert p.host_load_bytes == 2 * 4 * p.rank.trainable_params  # two fp32 copies on the machine while loading
     assert isinstance(autofit.plan("distilgpt2", "rtx3080-20gb", seq_len=256), Plan)  # one card: the planner's
     wide = d.plan("distilgpt2", "rtx3080-20gb", gpus_count=2, seq_len=256, effective_batch=64)
     assert wide.batch_size * wide.grad_accum * 2 == wide.effective_batch == 64
@@ -266,6 +267,7 @@ def test_fsdp_plan_shards_what_one_card_cannot_hold():
     assert p.rank_parts["FSDP gathered root and layers"] == \
         2 * spec.non_layer_params + 2 * 2 * spec.layer_params + 2 * 4 * spec.layer_params
     assert any(r.startswith("ruled out: DDP") for r in p.reasons)
+    assert p.host_load_bytes == 4 * spec.total_params  # one fp32 copy: rank 0 loads
     assert p.comm_bytes > 0 and p.step_seconds > p.comm_seconds >= 0
     config = p.accelerate_config()
     for line in ("distributed_type: FSDP", "fsdp_version: 2", "fsdp_transformer_layer_cls_to_wrap: GPT2Block",
