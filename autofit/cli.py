@@ -195,6 +195,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="plan for N cards of --gpu (or N detected cards): DDP or FSDP2, launched by accelerate")
     p.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), default="auto",
                    help="with several cards: DDP (a replica per card) or FSDP2 (sharded); auto picks")
+    p.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="machines with --gpus cards each (planned on paper; default: 1)")
     p.add_argument("--no-probe", action="store_true", help="plan from the estimate even when the card is present")
     p.add_argument("--probe-on", metavar="cuda:N", default=None,
                    help="probe on this device with its allocator capped at the planned card's budget, so a large "
@@ -421,7 +423,7 @@ def _probe(args) -> int:
         validate.file_path(args.out)  # before minutes of planning, not after
     from autofit import distributed
 
-    if distributed.several(args.gpu, args.gpus) or (args.gpu is None and len(gpus.detect()) > 1):
+    if distributed.several(args.gpu, args.gpus) or args.nodes != 1 or (args.gpu is None and len(gpus.detect()) > 1):
         return _probe_world(args)
     if args.gpu is None and not gpus.detect():
         raise AutofitError("no CUDA GPU detected, so there is no card to probe; plan for the card you will train on "
@@ -476,7 +478,8 @@ def _probe_world(args) -> int:
     progress = _Progress(not args.quiet and not args.json)
     kwargs = {} if args.margin is None else {"margin": args.margin}
     result = distributed.plan(
-        args.model, args.gpu, gpus_count=args.gpus, strategy=args.strategy, effective_batch=args.effective_batch,
+        args.model, args.gpu, gpus_count=args.gpus, nodes=args.nodes, strategy=args.strategy,
+        effective_batch=args.effective_batch,
         method=args.method, seq_len=args.seq_len, dataset=args.data, quantization=args.quantization,
         precision=args.precision, lora_r=args.lora_r, lora_targets=args.lora_targets, optimizer=args.optimizer,
         eval_batch_size=args.eval_batch, reserved_by_others=args.reserved_by_others,

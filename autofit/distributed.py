@@ -149,6 +149,8 @@ def world(gpu=None, gpus_count: int | None = None, *, nodes: int = 1) -> World:
     """
     if isinstance(gpu, World):
         return gpu
+    if isinstance(nodes, bool) or not isinstance(nodes, int) or nodes < 1:
+        raise GpuError(f"nodes must be a whole number of machines >= 1; got {nodes!r}")
     if gpus_count is not None and (isinstance(gpus_count, bool) or not isinstance(gpus_count, int) or gpus_count < 1):
         raise GpuError(f"--gpus must be a whole number of cards >= 1; got {gpus_count!r}")
     if isinstance(gpu, str) and (match := _COUNT.fullmatch(gpu)):
@@ -546,6 +548,9 @@ def _plan_strategy(spec, w: World, strategy: str, rank_batch, margin, bucket_vie
     else:
         raise DoesNotFitError(f"{spec.name} with {strategy.upper()} does not settle under {card.name}'s "
                               f"{fmt_bytes(real_budget)} budget per rank")
+    if strategy == "fsdp" and rank_plan.method == "qlora":
+        # bitsandbytes' packed 4-bit weights shard only with a matching quant_storage dtype; not planned here
+        raise DoesNotFitError("FSDP: QLoRA's 4-bit weights are not planned under FSDP2 (DDP runs them)")
     rank_plan = replace(rank_plan, gpu=card, budget_bytes=real_budget,
                         reasons=tuple(_rank_reasons(rank_plan.reasons, virtual, card)))
     comm, exposed, step = _communication(spec, rank_plan, w, strategy)

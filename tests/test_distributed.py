@@ -75,6 +75,16 @@ def test_no_card_detected(monkeypatch):
 def test_nodes_multiply_the_cards():
     w = d.world("rtx3090", 4, nodes=2)
     assert (w.size, w.per_node, w.link.kind) == (8, 4, "network")
+    with pytest.raises(GpuError, match="nodes must be a whole number of machines"):
+        d.world("rtx3090", 4, nodes=0)
+
+
+def test_multi_node_plan_launches_every_machine():
+    p = d.plan("distilgpt2", "rtx3080-20gb", gpus_count=2, nodes=2, seq_len=256, strategy="ddp")
+    assert p.world_size == 4 and p.effective_batch == 16 and p.batch_size * p.grad_accum == 4
+    assert "num_machines: 2" in p.accelerate_config() and "num_processes: 4" in p.accelerate_config()
+    assert "--num_machines 2 --machine_rank RANK_OF_THIS_NODE" in p.launch_command()
+    assert p.host_load_bytes == 2 * 4 * p.rank.trainable_params  # two ranks per machine, a copy each
 
 
 @pytest.mark.parametrize("key, kind, gbs", [
