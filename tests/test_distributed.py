@@ -202,15 +202,14 @@ def test_ddp_rank_peak_equals_single_step_plus_buckets(tmp_path, batch, bucket_v
         assert expected == single["peak"] + buckets - single["grads_at_peak"]
 
 
-def test_fsdp_rank_peak_within_the_stated_tolerance(tmp_path):
+def test_fsdp_rank_peak_is_bounded_by_the_named_parts(tmp_path):
     """FSDP2 on gloo: each rank's tracked peak against the single step with its weights, gradients and optimizer
-    state halved plus ``fsdp_extra`` (the root's parameters, two gathered layers, one layer's gradients and its
-    reduce-scatter input). The analytic terms name FSDP2's buffers but do not replay its schedule, so the check is a
-    tolerance, not bytes: within one layer's gathered parameters (263,168 B here) of the real peak. Measured: the
-    estimate is 224,528 B below it. At the rank's peak (early in step 2's backward) the tracker sees, beside the
-    shards (169,472 B), the forward's all-gather outputs of every layer (338,432 B), the current layer's backward
-    all-gather (263,168 B) and storage of the unsharded parameters from before sharding (338,432 B) still live on
-    this CPU/gloo build; the estimate's terms sum to nearly as much in a different split."""
+    state halved plus ``fsdp_extra``. FSDP2 frees its gathered parameters by resizing their storage to zero, and its
+    sharded parameters and optimizer states are DTensors wrapping local shards; the tracker follows both. The
+    estimate is an upper bound, not a replay: it counts the root, two gathered layers and one layer's unsharded
+    gradients and reduce-scatter input whether or not all are live at the peak. Measured here: at the rank's peak
+    (early in step 2's backward) the root and one gathered layer are live beside the shards, so the estimate lies
+    above the real peak (by 780,832 B, of the 789,024 B the in-flight terms add)."""
     batch = 2048
     single = _tracked_steps(None, batch)
     ranks = _two_ranks(tmp_path, kind="fsdp", batch=batch)
@@ -221,7 +220,8 @@ def test_fsdp_rank_peak_within_the_stated_tolerance(tmp_path):
     static = params + single["grads_at_peak"] + 2 * params  # weights, gradients, AdamW's two moments
     estimate = single["peak"] - static // 2 + d.fsdp_extra(shape)
     assert ranks[0]["peak"] == ranks[1]["peak"]
-    assert abs(ranks[0]["peak"] - estimate) <= layer, (ranks[0]["peak"], estimate)
+    in_flight = d.fsdp_extra(shape) - round_bytes(root) - layer  # what may or may not be live at the peak
+    assert 0 <= estimate - ranks[0]["peak"] <= in_flight, (ranks[0]["peak"], estimate)
 
 
 def test_out_of_memory_on_one_rank_is_agreed_by_both(tmp_path):
