@@ -402,11 +402,11 @@ class WorldPlan:
             f"({fmt_bytes(self.headroom_bytes)} headroom) on the tightest card",
             f"    ({self.memory_source})",
         ]
+        width = max(len(k) for k in self.rank_parts)
+        lines += [f"    {k:<{width}}  {fmt_bytes(v):>11}" for k, v in self.rank_parts.items()]
         lines.append(f"  host RAM             {fmt_bytes(self.host_load_bytes)} per machine while loading "
                      + ("(each rank materialises its own copy)" if self.strategy == "ddp" else
                         "(rank 0 loads, the others start on the meta device: fsdp_cpu_ram_efficient_loading)"))
-        width = max(len(k) for k in self.rank_parts)
-        lines += [f"    {k:<{width}}  {fmt_bytes(v):>11}" for k, v in self.rank_parts.items()]
         lines.append("  why:")
         lines += [f"    - {x}" for x in self.reasons]
         lines.append("  launch:")

@@ -237,7 +237,7 @@ def test_agree_without_a_process_group_is_the_local_flag():
 
 
 # -- plans ----------------------------------------------------------------------------------------------------------
-def test_ddp_plan_keeps_the_effective_batch_over_the_ranks():
+def test_ddp_plan_keeps_the_effective_batch_over_the_ranks(tmp_path):
     import autofit
     from autofit.plans import Plan
 
@@ -256,11 +256,22 @@ def test_ddp_plan_keeps_the_effective_batch_over_the_ranks():
     assert (args.per_device_train_batch_size, args.gradient_accumulation_steps, args.ddp_bucket_cap_mb) == \
         (wide.batch_size, wide.grad_accum, 25)
     assert "distributed_type: MULTI_GPU" in wide.accelerate_config() and "num_processes: 2" in wide.accelerate_config()
+    read = _accelerate_reads(wide.accelerate_config(), tmp_path)
+    assert (str(read.distributed_type), read.num_processes, read.mixed_precision) == \
+        ("DistributedType.MULTI_GPU", 2, "bf16")
     assert wide.launch_command("train.py") == ("accelerate launch --config_file accelerate.yaml --num_processes 2 "
                                                "--multi_gpu train.py")
 
 
-def test_fsdp_plan_shards_what_one_card_cannot_hold():
+def _accelerate_reads(text: str, tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = tmp_path / "accelerate.yaml"
+    path.write_text(text)
+    return load_config_from_file(str(path))
+
+
+def test_fsdp_plan_shards_what_one_card_cannot_hold(tmp_path):
     # distilgpt2's fp32 weights, gradients and AdamW state (1.2 GiB) with a replica's buckets do not fit a 2 GiB
     # card; halved by FSDP2 they do
     p = d.plan("distilgpt2", "2x 2GiB", method="full", precision="bf16-mixed", seq_len=128, effective_batch=8)
@@ -284,6 +295,9 @@ def test_fsdp_plan_shards_what_one_card_cannot_hold():
                  "mixed_precision: bf16", "num_processes: 2"):
         assert line in config
     assert "--multi_gpu" not in p.launch_command()
+    read = _accelerate_reads(config, tmp_path)  # accelerate's own loader takes the file
+    assert (str(read.distributed_type), read.num_processes, read.fsdp_config["fsdp_version"]) == \
+        ("DistributedType.FSDP", 2, 2)
     args = p.training_arguments("out", use_cpu=True, bf16=False, fp16=False)
     assert args.fsdp_config["version"] == 2 and args.fsdp_config["transformer_layer_cls_to_wrap"] == ["GPT2Block"]
 
