@@ -433,7 +433,8 @@ def plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, stra
 
     ``strategy``: "ddp", "fsdp" or "auto" (the stronger training setup, full fine-tuning with fp32 master weights
     first, then the faster). ``effective_batch``: the world's, kept exactly (it must divide by the world size); None
-    lets each rank take what its card fits. Other keywords go to ``planner.plan`` for the rank. Raises
+    is the single-card default (16) rounded up to a multiple of the world size; "max" gives each rank the largest
+    micro-batch its card fits. Other keywords go to ``planner.plan`` for the rank. Raises
     ``DoesNotFitError`` when no strategy fits, ``ConfigError``/``GpuError`` for bad input.
     """
     from autofit import model as models
