@@ -158,11 +158,47 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
+# a transformers model as autofit's simulation steps it: distilgpt2 cut to two layers, fp32 on the CPU
+SIM_LAYERS, SIM_BATCH, SIM_SEQ = 2, 2, 32
+
+
+def _sim_config():
+    from autofit.sim.simulate import StepConfig
+
+    return StepConfig(method="full", precision="32-true", device="cpu")
+
+
+def _ddp_simulated_step_peak() -> int:
+    """Two of autofit's training steps (``simulate.train_step``, the Trainer's step) of the model in DDP on this rank,
+    under the tracker: the model built and wrapped inside it, so the buckets count."""
+    from autofit import model as models
+    from autofit.sim import arch, simulate
+
+    spec, cfg = models.resolve("distilgpt2"), _sim_config()
+    torch.manual_seed(0)
+    model = simulate.build_model(spec, cfg, SIM_LAYERS, device="cpu")
+    model.train()
+    tracker = Tracker()
+    with simulate.imitate_cuda(cfg, []) as autocast:
+        tracker.adopt(list(model.parameters()) + list(model.buffers()))
+        with tracker:
+            ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=d.BUCKET_CAP_MB)
+            params = [p for p in arch.unique_params(model) if p.requires_grad]
+            optimizer = simulate.make_optimizer(params, cfg.optimizer)
+            for _ in range(2):
+                batch = simulate.make_batch(SIM_BATCH, SIM_SEQ, spec.vocab_size)
+                simulate.train_step(ddp, optimizer, params, cfg, batch, autocast)
+                del batch
+    return tracker.peak
+
+
 def _rank_main(rank: int, port: int, out: str, job: dict) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        if job["kind"] == "oom":
+        if job["kind"] == "ddp-sim":
+            result = {"peak": _ddp_simulated_step_peak()}
+        elif job["kind"] == "oom":
             # rank 1's budgeted device is too small for the step; both ranks must learn it
             budget = job["budgets"][rank]
             ran_out = d.trial_on_every_rank(lambda: _tracked_steps(None, job["batch"], budget=budget))
@@ -200,6 +236,22 @@ def test_ddp_rank_peak_equals_single_step_plus_buckets(tmp_path, batch, bucket_v
     if bucket_view and batch == 2048:
         assert 0 < single["grads_at_peak"] < sum(_grad_sizes())
         assert expected == single["peak"] + buckets - single["grads_at_peak"]
+
+
+def test_ddp_rank_peak_equals_the_simulated_step_plus_buckets(tmp_path):
+    """The planner's arithmetic on a transformers model: each gloo rank's tracked peak of the Trainer's step in DDP
+    equals autofit's simulation of the single-card step on fake tensors plus the buckets, to the byte."""
+    from autofit import model as models
+    from autofit.sim import arch, simulate
+
+    spec = models.resolve("distilgpt2")
+    sim = simulate.run(spec, _sim_config(), batch_size=SIM_BATCH, seq_len=SIM_SEQ, num_layers=SIM_LAYERS)
+    model = simulate.build_model(spec, _sim_config(), SIM_LAYERS, device="meta")
+    grads = [4 * p.numel() for p in model.parameters() if p.requires_grad]  # registration order, tied once
+    assert sum(grads) == 4 * sum(p.numel() for p in arch.unique_params(model))
+    ranks = _two_ranks(tmp_path, kind="ddp-sim")
+    expected = max(sim.step_peaks) + d.ddp_extra(d.bucket_bytes(grads), 0, gradient_as_bucket_view=False)
+    assert [r["peak"] for r in ranks] == [expected, expected]
 
 
 def test_fsdp_rank_peak_is_bounded_by_the_named_parts(tmp_path):
