@@ -18,7 +18,7 @@ _EXPORTS = {
     "StepModel": "autofit.memory",
     "GpuInfo": "autofit.gpu",
     "ModelSpec": "autofit.model",
-    "plan": "autofit.planner",
+    "plan": "autofit.distributed",  # one card: planner.plan; several: each rank planned by it (DDP or FSDP2)
     "Plan": "autofit.planner",
     "probe": "autofit.probing",
     "train": "autofit.training",

@@ -175,7 +175,8 @@ def _parser() -> argparse.ArgumentParser:
             epilog="The plan's TrainingArguments: Plan.from_json(open('plan.json').read()).training_arguments()",
             formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model")
-    p.add_argument("--gpu", default=None, help="card to plan for (rtx3060, 12GiB, cuda:0, cpu); default: detected")
+    p.add_argument("--gpu", default=None, help="card to plan for (rtx3060, 12GiB, cuda:0, cpu; several: "
+                   "2x rtx3080-20gb or rtx3090,rtx3080-20gb); default: detected")
     p.add_argument("--seq-len", type=int, default=None, metavar="N", help=SEQ_LEN_HELP)
     p.add_argument("--effective-batch", type=_effective_batch, default=None, metavar="N|max",
                    help=EFFECTIVE_BATCH_HELP)
@@ -192,6 +193,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lora-targets", type=_csv, default=None, metavar="A,B")
     p.add_argument("--margin", type=float, default=None, metavar="F", help=MARGIN_HELP)
     _add_task(p)
+    p.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="plan for N cards of --gpu (or N detected cards): DDP or FSDP2, launched by accelerate")
+    p.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), default="auto",
+                   help="with several cards: DDP (a replica per card) or FSDP2 (sharded); auto picks")
+    p.add_argument("--nodes", type=int, default=1, metavar="N",
+                   help="machines with --gpus cards each (planned on paper; default: 1)")
     p.add_argument("--no-probe", action="store_true", help="plan from the estimate even when the card is present")
     p.add_argument("--probe-on", metavar="cuda:N", default=None,
                    help="probe on this device with its allocator capped at the planned card's budget, so a large "
@@ -278,11 +285,25 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _joined_counts(argv: list[str]) -> list[str]:
+    """``--gpu 2x rtx3080-20gb`` typed without quotes: the count joined to the card that follows it."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if out and out[-1] == "--gpu" and re.fullmatch(r"\d+[x*]", argv[i]) and i + 1 < len(argv):
+            out.append(f"{argv[i]} {argv[i + 1]}")
+            i += 2
+        else:
+            out.append(argv[i])
+            i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Runs the command line ``argv``; returns the exit status (0, 2 for an error, 130 / 143 when interrupted)."""
     parser = _parser()
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(_joined_counts(sys.argv[1:] if argv is None else list(argv)))
     except SystemExit as stop:  # --help, or a malformed argument (printed on one line)
         return stop.code if isinstance(stop.code, int) else 2
     if args.command is None:
@@ -437,6 +458,10 @@ def _probe(args) -> int:
         os.environ["AUTOFIT_CACHE"] = "off"
     if args.out:
         validate.file_path(args.out)  # before minutes of planning, not after
+    from autofit import distributed
+
+    if distributed.several(args.gpu, args.gpus) or args.nodes != 1 or (args.gpu is None and len(gpus.detect()) > 1):
+        return _probe_world(args)
     if args.gpu is None and not gpus.detect():
         raise AutofitError("no CUDA GPU detected, so there is no card to probe; plan for the card you will train on "
                            "with --gpu, e.g. autofit probe MODEL --gpu rtx3060 (autofit gpus lists the names)")
@@ -479,6 +504,36 @@ def _probe(args) -> int:
         present = bool(gpus.detect())
         print("  note: planned from the estimate for this card" + (" (pass --gpu cuda:N to probe the card present)"
                                                                       if present else "; no GPU here to probe"))
+    if args.out:
+        print(f"wrote {args.out}")
+    return 0
+
+
+def _probe_world(args) -> int:
+    """``autofit probe`` for several cards: the world's plan, from the estimate (see ``autofit.distributed``)."""
+    from autofit import distributed
+
+    progress = _Progress(not args.quiet and not args.json)
+    kwargs = {} if args.margin is None else {"margin": args.margin}
+    result = distributed.plan(
+        args.model, args.gpu, gpus_count=args.gpus, nodes=args.nodes, strategy=args.strategy,
+        effective_batch=args.effective_batch,
+        method=args.method, seq_len=args.seq_len, dataset=args.data, quantization=args.quantization,
+        precision=args.precision, lora_r=args.lora_r, lora_targets=args.lora_targets, optimizer=args.optimizer,
+        eval_batch_size=args.eval_batch, reserved_by_others=args.reserved_by_others,
+        gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
+        progress=progress, **kwargs)
+    progress.done()
+    if args.out:
+        from autofit.files import write_atomic
+
+        write_atomic(args.out, json.dumps(result.to_dict(), indent=2))
+    if args.json:
+        _print_json(result.to_dict())
+        return 0
+    print(as_flags(result.summary()))
+    print("  note: planned from the estimate; several cards are not probed (a trial would run on every rank at "
+          "once: autofit.distributed.trial_on_every_rank agrees an out-of-memory across ranks)")
     if args.out:
         print(f"wrote {args.out}")
     return 0

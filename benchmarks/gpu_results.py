@@ -226,6 +226,19 @@ def _section_runs(rows: list[dict]) -> list[str]:
     return lines + [""]
 
 
+def _section_ranks(rows: list[dict]) -> list[str]:
+    lines = ["## Several GPUs (issue 11): what DDP and FSDP2 add on a world of one", "",
+             "Peak over building the model and two AdamW steps, less the plain run's, against "
+             "`distributed.bucket_bytes` (DDP) and `distributed.fsdp_extra` (FSDP2: an upper bound).", "",
+             "| model | layers | batch x length | plain peak | DDP measured | DDP estimated | FSDP2 measured | "
+             "FSDP2 estimated | measured by |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['layers']} | {r['batch_size']} x {r['seq_len']} | {_size(r['plain_peak'])} | "
+                     f"{_size(r['ddp_measured'])} | {_size(r['ddp_estimated'])} | {_size(r['fsdp_measured'])} | "
+                     f"{_size(r['fsdp_estimated'])} | {r['measure']} |")
+    return lines + [""]
+
+
 def _section_schedule(rows: list[dict], env: dict) -> list[str]:
     ran = [r for r in rows if r["status"] == "ran"]
     failed = [r for r in rows if r["status"] == "failed"]
@@ -270,7 +283,7 @@ def summary_markdown(rows: Sequence[dict], *, runs_in_file: int = 1) -> str:
     if by.get("schedule"):
         lines += _section_schedule(by["schedule"], env)
     for key, section in (("a", _section_a), ("b", _section_b), ("c", _section_c), ("d", _section_d),
-                         ("runs", _section_runs), ("fam", _section_fam)):
+                         ("runs", _section_runs), ("fam", _section_fam), ("ranks", _section_ranks)):
         if by.get(key):
             lines += section(by[key])
     if by.get("note"):

@@ -23,6 +23,9 @@ d. Probe cost against accelerate's ``find_executable_batch_size`` and doubling-t
 fam (model families): t5-base (an encoder-decoder, 256 source and 64 target tokens) and bert-base-uncased (an
    encoder with a classification head, 256 tokens), full fine-tuning at two batch sizes each: the estimate
    (simulated at full depth for T5, extrapolated for BERT) against allocated and reserved peaks of real steps.
+ranks (issue 11): on a world of one (NCCL), the memory DDP's gradient buckets and FSDP2's shards and gathered layers add
+   to two AdamW steps of distilgpt2 and Qwen2.5-0.5B, against ``distributed.bucket_bytes`` and ``fsdp_extra``
+   (``ranks_overhead.py``).
 runs (issue 10): 30 steps whose padded length changes every step (lengths drawn from a fixed distribution, fixed
    seed), six configurations (distilgpt2 and TinyLlama-1.1B x full bf16-mixed, full bf16-true and LoRA, checkpointing
    split between them, so each model has each precision once and each precision both settings); peaks after steps
@@ -81,6 +84,7 @@ D_MODELS = ["distilgpt2", "HuggingFaceTB/SmolLM2-135M"]
 D_BUDGET, D_SEQ, D_TRIALS, D_BATCH = "10GiB", 256, 26, 32  # the last two: the cost prior's trials and mean batch
 FAM_MODELS = ["t5-base", "bert-base-uncased"]
 FAM_POINTS, FAM_SEQ, FAM_TARGET = (4, 16), 256, 64  # batch sizes; source (or only) length; T5's target length
+RANKS_MODELS, RANKS_BATCH, RANKS_SEQ = ["distilgpt2", "Qwen/Qwen2.5-0.5B"], 4, 512
 RUN_MODELS = ["distilgpt2", "TinyLlama/TinyLlama-1.1B-Chat-v1.0"]  # GPT-2 and a Llama-style model of 1.1B
 RUN_PRECISIONS = ["bf16-mixed", "bf16-true", "lora"]  # "lora": a bf16 base with fp32 adapters under autocast
 RUN_STEPS, RUN_MARKS, RUN_BATCH, RUN_MAX_LEN, RUN_SEED = 30, (2, 10, 30), 8, 1024, 15
@@ -101,13 +105,13 @@ HARD_STOP_S = 10.0  # a unit still running this close to the end is cut, so the 
 # a save); a build = module construction and random initialisation on the card; compute = 6 FLOP per parameter and
 # token at an assumed 100 TFLOP/s achieved (an eighth of the H200's dense bf16 peak: small models, short batches).
 CUDA_COSTS = budgeting.Costs(
-    startup=45.0, fixed={"trial": 2.0, "train": 12.0, "grid": 8.0, "probe": 8.0, "run": 10.0},
+    startup=45.0, fixed={"trial": 2.0, "train": 12.0, "grid": 8.0, "probe": 8.0, "run": 10.0, "ranks": 10.0},
     build=1.5, build_per_param=2e-9, per_param_token=6 / 100e12,
     source="assumed for an H200 (gpu_validation.CUDA_COSTS), corrected by the units measured")
 # Priors for the dry run, fitted to dry runs on a busy 2-core x86 machine (benchmarks/results/dry-run-cpu-costs-*/:
 # a, b and c, d and runs); a dry run's units vary by 2x with the machine's other load.
 DRY_COSTS = budgeting.Costs(
-    startup=12.0, fixed={"trial": 5.7, "train": 27.0, "grid": 140.0, "probe": 155.0, "run": 5.5},
+    startup=12.0, fixed={"trial": 5.7, "train": 27.0, "grid": 140.0, "probe": 155.0, "run": 5.5, "ranks": 60.0},
     build=0.4, build_per_param=5.5e-8, per_param_token=1.0e-10,
     source="measured by a dry run on 2 CPU cores (gpu_validation.DRY_COSTS), corrected by the units measured")
 
@@ -217,8 +221,14 @@ def build_parts(*, dry: bool, methods: list[str], specs: dict, wanted: list[str]
                            params=specs[f"runs:{name}"].total_params, tokens=_work(batch * sum(lengths), method, ck),
                            args=(name, precision, ck)))
         parts["runs"], parts["runs-more"] = units[:6], [replace(u, part="runs-more") for u in units[6:]]
+    if "ranks" in wanted:  # three builds (plain, DDP, FSDP2) of two steps each
+        names = ["distilgpt2"] if dry else (models or RANKS_MODELS)
+        b, s = (2, DRY["seq"]) if dry else (RANKS_BATCH, RANKS_SEQ)
+        parts["ranks"] = [U(part="ranks", label=f"{_short(name)} DDP and FSDP2 on a world of one", kind="ranks",
+                            params=(common.shrink(model.resolve(name)) if dry else model.resolve(name)).total_params, builds=3, tokens=3 * 2 * b * s,
+                            args=(name, b, s)) for name in names]
     # each part's required core first, in the issue's order; what only adds more of the same after all of them
-    order = ["a", "b", "c", "d", "runs", "fam", "c-more", "d-more", "a-more", "runs-more"]
+    order = ["a", "b", "c", "d", "runs", "fam", "ranks", "c-more", "d-more", "a-more", "runs-more"]
     return [(p, parts[p]) for p in order if parts.get(p)]
 
 
@@ -547,8 +557,21 @@ def run_fam(unit, ctx: Context):
           f"{results._pct(row['error_allocated'])}", flush=True)
 
 
-RUNNERS = {"fam": run_fam, "a": run_a, "a-more": run_a, "b": run_b, "c": run_c, "c-more": run_c, "d": run_d, "d-more": run_d,
-           "runs": run_runs, "runs-more": run_runs}
+def run_ranks(unit, ctx: Context):
+    import ranks_overhead
+
+    name, b, s = unit.args
+    out = Path(tempfile.mkstemp(prefix="ranks-", suffix=".json", dir=ctx.tmp)[1])
+    argv = ["--model", name, "--batch", str(b), "--seq-len", str(s), "--json", str(out)]
+    argv += ["--layers", "2"] if ctx.dry else ["--cuda"]
+    ranks_overhead.main(argv)
+    row = json.loads(out.read_text())
+    out.unlink()
+    ctx.log.append(row)
+
+
+RUNNERS = {"fam": run_fam, "a": run_a, "a-more": run_a, "b": run_b, "c": run_c, "c-more": run_c, "d": run_d,
+           "d-more": run_d, "runs": run_runs, "runs-more": run_runs, "ranks": run_ranks}
 
 
 def _methods(dry: bool, qlora: str) -> list[str]:
@@ -595,7 +618,7 @@ def main(argv=None) -> int:
     parser.add_argument("--schedule", action="store_true", help="print the planned units and stop")
     parser.add_argument("--summarize", default=None, metavar="DIR", help="rebuild DIR/summary.md from its results")
     parser.add_argument("--dry-run", action="store_true", help="the budgeted CPU device, 2-layer shapes")
-    parser.add_argument("--parts", default="a,b,c,d,runs,fam")
+    parser.add_argument("--parts", default="a,b,c,d,runs,fam,ranks")
     parser.add_argument("--models", default=None, help="comma-separated: replaces every part's models but the runs'")
     parser.add_argument("--qlora", choices=("auto", "on", "off"), default="auto",
                         help="QLoRA rows: when bitsandbytes imports (auto), always (on; --schedule only) or never")

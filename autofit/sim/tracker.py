@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 # CUDA's caching allocator rounds every request up to a multiple of 512 bytes
@@ -73,7 +73,7 @@ class Tracker(TorchDispatchMode):
         self._events: list[int] = []
         self._marks: list[tuple[int, str]] = []
         self._uid_of: dict[int, int] = {}  # StorageImpl address -> uid, while alive
-        self._refs: dict[int, weakref.ref] = {}
+        self._refs: dict[int, list[weakref.ref]] = {}
         self._baseline = 0
         self._adopted = 0
 
@@ -96,7 +96,17 @@ class Tracker(TorchDispatchMode):
         self.peak = self.live
 
     def _register(self, t: torch.Tensor, *, event: bool = True, op: str = "") -> None:
-        storage = t.untyped_storage()
+        if is_traceable_wrapper_subclass(t):
+            # a wrapper (a DTensor, say) owns no memory: the tensors it wraps do, and they are made below this mode
+            names, _ = t.__tensor_flatten__()
+            for name in names:
+                inner = getattr(t, name)
+                if isinstance(inner, torch.Tensor):
+                    self._register(inner, event=event, op=op)
+            return
+        self._register_storage(t.untyped_storage(), event=event, op=op)
+
+    def _register_storage(self, storage, *, event: bool = True, op: str = "") -> None:
         key = storage._cdata
         if key in self._uid_of:
             return
@@ -121,12 +131,51 @@ class Tracker(TorchDispatchMode):
             self.peak = max(self.peak, self.live)
 
         def release(_, key=key, uid=uid, nbytes=nbytes):
+            refs = [r for r in self._refs.get(key, ()) if r() is not None]
+            if refs:
+                self._refs[key] = refs
+            else:
+                self._refs.pop(key, None)
+            if self._uid_of.get(key) != uid:  # already released by a resize (see ``_resized``)
+                return
             self.live -= nbytes
             self._events.append(-uid - 1)
             self._uid_of.pop(key, None)
-            self._refs.pop(key, None)
 
-        self._refs[key] = weakref.ref(storage, release)
+        # a storage resized in place is registered again under a new id, each with its own callback; a dead storage's
+        # address can be reused, so only the callbacks of live storages are kept
+        refs = [r for r in self._refs.get(key, ()) if r() is not None]
+        refs.append(weakref.ref(storage, release))
+        self._refs[key] = refs
+
+    def _resized(self, storage, old_nbytes: int) -> None:
+        """A storage resized in place (``UntypedStorage.resize_``): FSDP2 frees an unsharded parameter or an
+        all-gather buffer by resizing its storage to zero and allocates it again the same way, which no op output
+        shows. A resize releases the old allocation and, when not to zero, registers a new one."""
+        key = storage._cdata
+        uid = self._uid_of.get(key)
+        if uid is None and old_nbytes:
+            return  # a storage this tracker never saw: not its memory
+        if uid is not None:
+            self.live -= self._sizes[uid]
+            self._events.append(-uid - 1)
+            self._uid_of.pop(key, None)
+        if storage.nbytes():
+            self._register_storage(storage, op="resize_")
+
+    def __enter__(self):
+        _ACTIVE.append(self)
+        if len(_ACTIVE) == 1:
+            torch.UntypedStorage.resize_ = _tracked_resize
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            _ACTIVE.remove(self)
+            if not _ACTIVE:
+                torch.UntypedStorage.resize_ = _RESIZE
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -154,3 +203,16 @@ class Tracker(TorchDispatchMode):
             baseline=self._baseline,
             adopted=self._adopted,
         )
+
+
+# Trackers entered now, innermost last; while any is, ``UntypedStorage.resize_`` tells them of in-place resizes.
+_ACTIVE: list[Tracker] = []
+_RESIZE = torch.UntypedStorage.resize_
+
+
+def _tracked_resize(storage, size):
+    old = storage.nbytes()
+    out = _RESIZE(storage, size)
+    for tracker in list(_ACTIVE):
+        tracker._resized(storage, old)
+    return out
