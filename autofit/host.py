@@ -29,13 +29,18 @@ from autofit.units import fmt_bytes
 
 MIB = 1024 ** 2
 # Measured on this project's CPU machine (benchmarks/host_memory.py, results under benchmarks/results/cpu-2026-12-05):
-# the resident set of a process that imported torch, transformers and autofit, a DataLoader worker's private memory
-# (USS; the rest of its resident set is shared with the parent by fork), and the resident bytes per token of
-# ``data.tokenize`` (build_tokenizer's BPE over 1.9 M tokens of 4,000 samples): the peak while it runs and what stays.
-IMPORTED_RSS = 249 * MIB
+# the resident set of a process that imported torch, transformers and autofit (249-250 MiB); what from_pretrained
+# leaves resident beyond the weights it converts (the model's modules and loading machinery: 87 MiB anonymous and
+# 19-20 MiB of mapped files for Llama models of 228 and 310 MiB of weights alike); a DataLoader worker's private
+# memory (USS 11-19 MiB; the rest of its resident set is shared with the parent by fork; the larger kept); and the
+# resident bytes per token of ``data.tokenize`` run after loading a model, as train() runs it (build_tokenizer's BPE,
+# 709,260 tokens of 3,000 samples): 140 at its peak, 97-101 kept (the freed Python lists stay in the allocator's
+# arenas; tokenizing first in a fresh process keeps 48 of a 90 peak).
+IMPORTED_RSS = 250 * MIB
+LOADING_RSS = 107 * MIB
 WORKER_BYTES = 19 * MIB
-TOKENIZE_PEAK_PER_TOKEN = 133
-DATASET_PER_TOKEN = 58
+TOKENIZE_PEAK_PER_TOKEN = 140
+DATASET_PER_TOKEN = 100
 # An assumption until benchmarks/gpu_validation.py measures it: the host memory the CUDA runtime, cuBLAS and the
 # driver map into a process that trains on a card (their libraries' pages and the context's host-side state).
 CUDA_HOST_BYTES = 1024 * MIB
@@ -161,7 +166,7 @@ def estimate(spec: arch.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_len:
     file_bytes = checkpoint_bytes(spec)
     load_dtype = cfg.weights_dtype  # what training.load_model asks from_pretrained for
     converted = spec.total_params * _BYTES.get(load_dtype, 4) if load_dtype != stored_dtype(spec) else 0
-    loading = []
+    loading = [("from_pretrained's modules and machinery", LOADING_RSS)]
     if cfg.quantization != "none":
         loading.append(("checkpoint pages (safetensors mmap), quantized on the card", file_bytes))
     else:
@@ -180,9 +185,9 @@ def estimate(spec: arch.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_len:
     phases: dict[str, list[tuple[str, int]]] = {}
     phases["loading the model"] = loading
     # while tokenizing, a same-dtype CPU model's pages are mapped but not yet read: they count from the first step
-    phases["tokenizing"] = ([("converted weights", converted)] if cpu and converted else []) + \
+    phases["tokenizing"] = [loading[0]] + ([("converted weights", converted)] if cpu and converted else []) + \
         [("tokenizing (Python lists, transient)", tokenizing)]
-    run_parts = [("tokenized dataset", dataset)]
+    run_parts = [loading[0], ("tokenized dataset", dataset)]
     if loader.num_workers:
         run_parts.append((f"data loader workers ({loader.num_workers})", workers))
     if pinned:

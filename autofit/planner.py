@@ -527,6 +527,7 @@ def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons
                                "weights under autocast)")
             elif card.bf16 and card.source != "host":
                 variants = [knobs, dict(knobs, precision="bf16-true")]
+        if method == "full":
             variants = variants + offload.variants(variants, levers)  # levers after the plain optimizer
         for variant in variants:
             base = memory.step_config(card, method=method, quantization=quant, gradient_checkpointing=False, **variant)

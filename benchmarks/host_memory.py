@@ -44,13 +44,22 @@ if args.get("calibrate"):
     time.sleep(0.5)
     out["worker_uss"] = [c.memory_full_info().uss for c in psutil.Process().children(recursive=True)]
     print(json.dumps(out)); sys.exit()
+import threading
 machine = host.Machine.now()
 dtype = getattr(torch, args["dtype"])
+loading_from = rss()
 net = AutoModelForCausalLM.from_pretrained(args["ckpt"], dtype=dtype, local_files_only=True)
-before, peak_before = rss(), peak()
+converted = sum(p.numel() * p.element_size() for p in net.parameters()) if dtype != torch.float32 else 0
+out["loading_residue"] = rss() - loading_from - converted  # what loading leaves beyond a converted copy
+before, top, running = rss(), [0], [True]
+def watch():  # the resident set's peak while tokenizing (ru_maxrss cannot be reset after loading)
+    while running[0]:
+        top[0] = max(top[0], rss()); time.sleep(0.005)
+watcher = threading.Thread(target=watch); watcher.start()
 ds = D.tokenize(samples, tok, seq_len=args["seq_len"], packing=False)
+running[0] = False; watcher.join()
 n = sum(len(item["input_ids"]) for item in ds)
-out.update(tokenize_peak_per_token=(max(peak(), peak_before) - before) / n, kept_per_token=(rss() - before) / n)
+out.update(tokenize_peak_per_token=(top[0] - before) / n, kept_per_token=(rss() - before) / n)
 net.save_pretrained(args["save"])
 out["peak_rss"] = peak()
 spec = models.resolve(args["ckpt"])
@@ -105,16 +114,24 @@ def main() -> int:
                  f"{cal['kept_per_token']:.0f} B/token")
     lines.append("DataLoader worker private memory (USS): " + ", ".join(f"{u / mib:.1f} MiB" for u in cal["worker_uss"]))
     lines.append("")
-    lines.append("run (load safetensors, tokenize, save)        measured peak RSS   host estimate   estimate/measured")
+    lines.append("run (load safetensors, tokenize, save)               measured peak RSS   host estimate   estimate/measured")
     with tempfile.TemporaryDirectory() as tmp:
         for model in (dict(hidden=768, inter=2048, layers=8, heads=12), dict(hidden=1024, inter=2816, layers=6, heads=16)):
             for dtype in ("float32", "bfloat16"):
                 r = measure_run(tmp, dtype=dtype, samples=3000, least=20, spread=200, mult=3, seq_len=256, **model)
-                name = f"llama h{model['hidden']} x{model['layers']} in {dtype}"
-                lines.append(f"{name:<45} {r['peak_rss'] / mib:>12.0f} MiB {r['estimate'] / mib:>11.0f} MiB "
-                             f"{r['estimate'] / r['peak_rss']:>14.3f}   (tokenize after loading: peak "
-                             f"{r['tokenize_peak_per_token']:.0f} B/token, kept {r['kept_per_token']:.0f} B/token, "
-                             f"{r['tokens']:,} tokens)")
+                name = f"llama h{model['hidden']} x{model['layers']} in {dtype}, 3,000 samples"
+                lines.append(f"{name:<52} {r['peak_rss'] / mib:>12.0f} MiB {r['estimate'] / mib:>11.0f} MiB "
+                             f"{r['estimate'] / r['peak_rss']:>14.3f}   (loading left {r['loading_residue'] / mib:.0f} MiB "
+                             f"beyond a converted copy; tokenizing after it: peak {r['tokenize_peak_per_token']:.0f} "
+                             f"B/token, kept {r['kept_per_token']:.0f} B/token, {r['tokens']:,} tokens)")
+        # out of sample (tests/test_host.py runs the same): another shape, more and longer samples
+        for dtype in ("float32", "bfloat16"):
+            r = measure_run(tmp, hidden=512, inter=1536, layers=10, heads=8, dtype=dtype, samples=5000, least=40,
+                            spread=400, mult=5, seq_len=512)
+            name = f"llama h512 x10 in {dtype}, 5,000 samples"
+            lines.append(f"{name:<52} {r['peak_rss'] / mib:>12.0f} MiB {r['estimate'] / mib:>11.0f} MiB "
+                         f"{r['estimate'] / r['peak_rss']:>14.3f}   (tokenizing: kept {r['kept_per_token']:.0f} "
+                         f"B/token, {r['tokens']:,} tokens)")
     text = "\n".join(lines)
     print(text)
     if args.out:
