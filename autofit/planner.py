@@ -604,7 +604,7 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
         # a method that fits a useful micro-batch in either checkpointing setting is strong enough; its fastest
         # setting is the one used
         if offload.is_lever(base):  # levers are ranked by speed among themselves before one is chosen
-            if best.batch_size >= min(USEFUL_BATCH, best.effective) and (
+            if any(c.batch_size >= min(USEFUL_BATCH, c.effective) for c in per_method) and (
                     lever is None or best.speed.tokens_per_second > lever.speed.tokens_per_second):
                 lever = best
             continue

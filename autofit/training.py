@@ -174,7 +174,9 @@ def train(
     getattr(tell, "done", lambda: None)()  # end a terminal's progress line before the Trainer prints
     if learning_rate is None and random_init:
         learning_rate = 1e-3  # random weights learn at pretraining rates, not fine-tuning ones
+    # the loader that fits this machine's RAM now, with the data's tokens counted; plan.json says what the run used
     plan = hostmem.refit_loader(plan, spec, tokens=sum(len(item["input_ids"]) for item in train_set), tell=log.warning)
+    write_atomic(out / "plan.json", plan.to_json())
     args = _arguments(plan, out, steps, epochs, learning_rate, eval_steps, save_steps, bool(eval_set), progress,
                       len(train_set))
     checkpoint = _last_checkpoint(out) if resume else None
