@@ -703,7 +703,8 @@ def _defer(cand: _Candidate, reasons: list[str], text: Callable[[_Candidate], st
     """A reason that quotes ``cand``: written now with its method named, and again without once ``cand`` is chosen
     and settled (its micro-batch may still change when simulated exactly)."""
     cand.deferred.append((len(reasons), text))
-    reasons.append(f"{_method_name(cand.cfg.method)}: {text(cand)}")
+    name = _config_name(cand.cfg) if offload.is_lever(cand.cfg) else _method_name(cand.cfg.method)
+    reasons.append(f"{name}: {text(cand)}")
 
 
 def _checkpointing_cannot_win(spec, cfg, card, seq, target_batch, without: _Candidate) -> bool:
