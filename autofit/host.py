@@ -22,6 +22,7 @@ from dataclasses import asdict, dataclass, field
 import psutil
 import torch
 
+from autofit import model as models
 from autofit import offload
 from autofit.sim import arch
 from autofit.sim.simulate import StepConfig
@@ -195,7 +196,11 @@ def estimate(spec: arch.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_len:
     run_parts.extend(held.items())
     if train:
         phases["training"] = ([("training step (RAM is the device)", step_bytes)] if cpu else []) + run_parts
-    gathered = 0 if cpu else spec.total_params * _BYTES.get(load_dtype, 4)
+    # what the Trainer saves: the whole model for full fine-tuning, the adapters (fp32, as peft makes them) for LoRA
+    saved = spec.total_params * _BYTES.get(load_dtype, 4) if cfg.method == "full" else 4 * models.count_params(
+        spec, method=cfg.method, quantization=cfg.quantization, half=cfg.half, lora_r=cfg.lora_r,
+        lora_targets=cfg.lora_targets).trainable
+    gathered = 0 if cpu else saved
     if save:
         kept = [("weights, gradients, optimizer state", step_resident)] if cpu and train else \
             ([("weights (mapped pages, read)", weights_kept)] if cpu else [])

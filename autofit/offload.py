@@ -209,6 +209,29 @@ def reason(cfg: StepConfig, plain_static: int, static: int, plain_speed: float, 
             f"with plain AdamW at the same micro-batch")
 
 
+def trial_optimizer(params, optimizer: str):
+    """The optimizer a probe trial on a card steps with for a lever: the library's own where it imports (so the trial
+    measures its real speed), else the engine's imitation (the same memory on the card)."""
+    from autofit.sim import simulate
+
+    try:
+        if optimizer == "adamw_8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.AdamW8bit(params, lr=1e-4)
+        if optimizer == "paged_adamw_8bit":
+            import bitsandbytes as bnb
+
+            return bnb.optim.PagedAdamW8bit(params, lr=1e-4)
+        if optimizer == "adamw_cpu_offload":
+            from torchao.optim import CPUOffloadOptimizer
+
+            return CPUOffloadOptimizer(params, torch.optim.AdamW, offload_gradients=False, lr=1e-4)
+    except ImportError:
+        pass
+    return simulate.make_optimizer(params, optimizer)
+
+
 def training_optimizer(optimizer: str):
     """``(optimizer class, kwargs)`` for the Trainer's ``optimizer_cls_and_kwargs`` where ``TrainingArguments.optim``
     cannot name the optimizer (CPU offload), else None. Raises ``ConfigError`` when torchao is missing."""
