@@ -322,7 +322,8 @@ class Plan:
         if self.host is not None:
             h = self.host
             lines.append(f"  host RAM             {h.line()}")
-            lines.append(f"    data loader        {h.loader.num_workers} workers, pinned batches "
+            lines.append(f"    data loader        {h.loader.num_workers} worker{'' if h.loader.num_workers == 1 else 's'}, "
+                         "pinned batches "
                          f"{'on' if h.loader.pin_memory else 'off'}")
             for name, value in h.parts:
                 lines.append(f"    {name:<40}  {fmt_bytes(value):>11}")
