@@ -58,7 +58,7 @@ def _Progress(enabled: bool):
 # Library errors name the Python API's parameters (gpu='rtx3060', seq_len=512, random_init=True); the command line
 # says the same with its flags. Only parameters that are flags of some command are rewritten.
 _PARAMETER = re.compile(r"\b(gpu|seq_len|effective_batch|method|quantization|precision|lora_r|lora_targets|optimizer|"
-                        r"random_init|eval_batch_size|reserved_by_others|gradient_checkpointing|margin)="
+                        r"random_init|eval_batch_size|reserved_by_others|gradient_checkpointing|margin|allow)="
                         r"('[^']*'|\"[^\"]*\"|[^\s,;)]+)")
 _FLAG_NAMES = {"eval_batch_size": "eval-batch"}
 
@@ -110,6 +110,12 @@ MARGIN_HELP = ("share of the card's memory kept free (default: 0.05); on the CPU
                "the RAM available")
 
 
+OPTIMIZER_CHOICES = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adamw_cpu_offload")
+ALLOW_HELP = ("optimizer levers full fine-tuning may pull when plain AdamW leaves no useful micro-batch: 8bit, paged, "
+              "cpu-offload, comma-separated (default: all of them with --method full, none with auto)")
+NO_OFFLOAD_HELP = "never keep optimizer state in host RAM (no paged or CPU-offloaded optimizer)"
+
+
 def _csv(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
@@ -123,7 +129,7 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--precision", choices=PRECISION_CHOICES, default=None, metavar="PRECISION", help=PRECISION_HELP)
     g.add_argument("--gradient-checkpointing", action="store_true",
                    help="recompute each layer in backward instead of keeping its activations")
-    g.add_argument("--optimizer", choices=("adamw_torch_fused", "adamw_torch", "adamw_8bit"),
+    g.add_argument("--optimizer", choices=OPTIMIZER_CHOICES,
                    default="adamw_torch_fused", help="the Trainer's optim setting (default: adamw_torch_fused)")
     g.add_argument("--lora-r", type=int, default=16, metavar="N", help="LoRA rank (default: 16)")
     g.add_argument("--lora-targets", type=_csv, default=None, metavar="A,B",
@@ -185,7 +191,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--quantization", choices=("4bit", "8bit"), default=None, help="base weights for qlora")
     p.add_argument("--precision", choices=PRECISION_CHOICES, default=None, metavar="PRECISION", help=PRECISION_HELP)
     p.add_argument("--gradient-checkpointing", choices=("auto", "on", "off"), default="auto", help=CHECKPOINTING_HELP)
-    p.add_argument("--optimizer", choices=("adamw_torch_fused", "adamw_torch", "adamw_8bit"),
+    p.add_argument("--optimizer", choices=OPTIMIZER_CHOICES,
                    default="adamw_torch_fused", help="the Trainer's optim setting (default: adamw_torch_fused)")
     p.add_argument("--eval-batch", type=int, default=None, metavar="N", help=EVAL_BATCH_HELP)
     p.add_argument("--reserved-by-others", default=None, metavar="SIZE", help=RESERVED_HELP)
@@ -199,6 +205,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="with several cards: DDP (a replica per card) or FSDP2 (sharded); auto picks")
     p.add_argument("--nodes", type=int, default=1, metavar="N",
                    help="machines with --gpus cards each (planned on paper; default: 1)")
+    p.add_argument("--allow", type=_csv, default=None, metavar="A,B", help=ALLOW_HELP)
+    p.add_argument("--no-offload", action="store_true", help=NO_OFFLOAD_HELP)
     p.add_argument("--no-probe", action="store_true", help="plan from the estimate even when the card is present")
     p.add_argument("--probe-on", metavar="cuda:N", default=None,
                    help="probe on this device with its allocator capped at the planned card's budget, so a large "
@@ -253,6 +261,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-batch", type=int, default=None, metavar="N", help=EVAL_BATCH_HELP)
     p.add_argument("--reserved-by-others", default=None, metavar="SIZE", help=RESERVED_HELP)
     p.add_argument("--learning-rate", type=float, default=None, metavar="LR")
+    p.add_argument("--allow", type=_csv, default=None, metavar="A,B", help=ALLOW_HELP)
+    p.add_argument("--no-offload", action="store_true", help=NO_OFFLOAD_HELP)
     p.add_argument("--no-packing", action="store_true", help="truncate each sample instead of packing plain text")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_train)
@@ -473,7 +483,7 @@ def _probe(args) -> int:
         model_ref, args.gpu, seq_len=args.seq_len, effective_batch=args.effective_batch, method=args.method,
         dataset=args.data, quantization=args.quantization, precision=args.precision, lora_r=args.lora_r,
         lora_targets=args.lora_targets, optimizer=args.optimizer, eval_batch_size=args.eval_batch,
-        reserved_by_others=args.reserved_by_others,
+        reserved_by_others=args.reserved_by_others, allow=args.allow, no_offload=args.no_offload,
         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
         probe=False if stand_in or args.no_probe or args.gpu is not None and not str(args.gpu).startswith("cuda")
         else None, progress=progress, **kwargs)
@@ -572,7 +582,8 @@ def _train(args) -> int:
 
     options = {k: v for k, v in dict(seq_len=args.seq_len, effective_batch=args.effective_batch,
                                       method=args.method, eval_batch_size=args.eval_batch,
-                                      reserved_by_others=args.reserved_by_others).items()
+                                      reserved_by_others=args.reserved_by_others, allow=args.allow,
+                                      no_offload=args.no_offload or None).items()
                if v is not None}  # given ones: a plan wins, and says so
     result = training.train(args.model, args.data, output_dir=args.out, plan=args.plan, gpu=args.gpu,
                             steps=args.steps, epochs=args.epochs, random_init=args.random_init, resume=args.resume,

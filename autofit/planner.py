@@ -17,7 +17,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from autofit import calibration, data, memory, probing, runs, validate
+from autofit import calibration, data, memory, offload, probing, runs, validate
+from autofit import host as hostmem
 from autofit.progress import counted, stage
 from autofit import seq2seq
 from autofit import gpu as gpus
@@ -141,7 +142,10 @@ def throughput(spec: models.ModelSpec, cfg: StepConfig, card: gpus.GpuInfo, *, b
     dequant_time = dequant / bus
     launches = LAUNCH_SECONDS_PER_LAYER * spec.num_layers * math.ceil(passes)
     micro = max(compute, memory_time) + dequant_time + launches
-    optimizer = ADAMW_BYTES * _state_scale(cfg) * trainable / bus
+    optimizer = offload.optimizer_seconds(spec, cfg, card, trainable=trainable, bus_bytes_per_second=bus,
+                                          grad_accum=grad_accum)  # None: a plain AdamW
+    if optimizer is None:
+        optimizer = ADAMW_BYTES * _state_scale(cfg) * trainable / bus
     step = grad_accum * micro + optimizer
     return Throughput(step_seconds=step, tokens_per_second=grad_accum * tokens / step, compute_seconds=compute,
                       memory_seconds=memory_time + dequant_time, optimizer_seconds=optimizer)
@@ -193,6 +197,7 @@ class _Asked:
     seq_source: str
     eval_batch_size: int | None
     margin: float | None
+    levers: tuple[str, ...] = ()  # optimizer levers the search may pull (offload.LEVERS)
 
 
 def budget(card: gpus.GpuInfo, margin: float | None = None) -> int:
@@ -236,6 +241,8 @@ def plan(
     reserved_by_others: int | str | None = None,
     probe: bool | None = None,
     progress: Callable[[str], None] | None = None,
+    allow=None,
+    no_offload: bool = False,
 ) -> "Plan":
     """The fastest plan that fits ``model`` on ``gpu``; see the module docstring.
 
@@ -252,7 +259,10 @@ def plan(
     for other processes (a desktop GeForce card from the catalog: ``gpu.DISPLAY_ALLOWANCE`` for its display).
     ``margin``: the share of the card kept free beyond the estimate (default 0.05; on the CPU, by default, half the RAM
     available is the budget). ``probe`` (None: when the card is present) confirms the plan with trial steps on the
-    card. Raises
+    card. ``allow`` names the optimizer levers full fine-tuning may pull when plain AdamW leaves no useful
+    micro-batch (``offload.LEVERS``: "8bit", "paged", "cpu-offload"; default: all when method="full" is asked, none
+    for "auto" unless named); ``no_offload`` forbids the ones that hold state in host RAM. Every plan carries its
+    host-RAM estimate (``plan.host``) and the data loader that fits it. Raises
     ``DoesNotFitError`` when nothing fits, naming what binds and every way out, in one line.
     """
     spec = models.resolve(model)
@@ -313,11 +323,13 @@ def plan(
     if quantization not in (None, "none", "4bit", "8bit"):
         raise ConfigError(f"quantization must be none, 4bit or 8bit; got {quantization!r}")
     checkpointing = (False, True) if gradient_checkpointing is None else (gradient_checkpointing,)
+    levers = _levers(card, method, optimizer, allow, no_offload)
     asked = _Asked(methods=methods, method=method, quantization=quantization, knobs=knobs,
                    checkpointing=checkpointing, seq_source=seq_source, eval_batch_size=eval_batch_size,
-                   margin=margin)
+                   margin=margin, levers=levers)
 
-    bases = _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons, _loaded_precision(spec))
+    bases = _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons, _loaded_precision(spec),
+                              levers)
     # stages: each checkpointing setting of the first method, then the exact settling and the largest micro-batch;
     # the count grows when the search goes on to a lighter method or a shorter sequence
     outer, progress = progress, counted(progress, len(checkpointing) + 2, f"planning {spec.name}")
@@ -425,6 +437,9 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
              tokens_per_second=round(c.speed.tokens_per_second, 1))
         for c in seen if c is not cand and c.speed.tokens_per_second >= CLOSE * cand.speed.tokens_per_second)
     trainable = _trainable(spec, cand.cfg)
+    if offload.is_lever(cand.cfg):
+        reasons.append(_lever_reason(spec, cand, card, seq))
+    host_estimate = _host(spec, cand, estimate, need, seq, lengths, reasons)
     return Plan(
         model_name=spec.name, gpu=card, method=cand.cfg.method, quantization=cand.cfg.quantization,
         precision=cand.cfg.precision, gradient_checkpointing=cand.cfg.gradient_checkpointing,
@@ -439,7 +454,7 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
         seq_len_source=seq_source, truncated_share=truncated, alternatives=alternatives,
         expandable_segments=expandable, run=run, need_bytes=need,
         largest_batch=max(cand.largest, cand.batch_size), gradient_bytes=GRADIENT_BYTES * trainable,
-        trainable_params=trainable, task=spec.task, target_len=spec.target_len,
+        trainable_params=trainable, task=spec.task, target_len=spec.target_len, host=host_estimate,
     )
 
 
@@ -573,7 +588,7 @@ def _static_bytes(spec, cfg: StepConfig) -> int:
     sizes = {"float32": 4, "bfloat16": 2, "float16": 2, "int8": 1, "nf4": 0.516}
     scale = _state_scale(cfg)
     weights = sum(n * sizes.get(k, 4) for k, n in counts.by_dtype.items()) * scale
-    per_trainable = 4 * scale + (2 if cfg.optimizer == "adamw_8bit" else 8 * scale)
+    per_trainable = 4 * scale + offload.state_bytes_per_param(cfg, scale)
     return int(weights + per_trainable * counts.trainable)
 
 
@@ -595,7 +610,8 @@ def _loaded_precision(spec) -> str | None:
     return None
 
 
-def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons, loaded=None) -> list[StepConfig]:
+def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons, loaded=None,
+                      levers: tuple[str, ...] = ()) -> list[StepConfig]:
     """Step configs (checkpointing off) of the methods whose weights, gradients and optimizer state fit at all, the
     strongest first. Full fine-tuning comes in two precisions when none is asked: fp32 weights under autocast, then
     16-bit weights (bf16-true), where the card has bf16; a model object loaded in 16 bits is planned as loaded."""
@@ -613,12 +629,16 @@ def _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons
                                "weights under autocast)")
             elif card.bf16 and card.source != "host":
                 variants = [knobs, dict(knobs, precision="bf16-true")]
+        if method == "full":
+            variants = variants + offload.variants(variants, levers)  # levers after the plain optimizer
         for variant in variants:
             base = memory.step_config(card, method=method, quantization=quant, gradient_checkpointing=False, **variant)
+            if offload.is_lever(base) and not _host_holds(spec, base, reasons):
+                continue
             static = _static_bytes(spec, base)
             if static > allowed - (_context(card) if base.device == "cuda" else 0):
                 name = _config_name(base)
-                if len(variants) > 1 and base.autocast:
+                if len(variants) > 1 and base.autocast and not offload.is_lever(base):
                     name += f" with fp32 weights ({base.precision})"
                 reasons.append(f"{name} ruled out: weights, gradients and optimizer state alone need "
                                f"{fmt_bytes(static)} of the {fmt_bytes(allowed)} budget")
@@ -636,7 +656,14 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
     fitted at a longer length), one exact simulation of its leanest step, micro-batch 1 with checkpointing if
     allowed, tells whether it fits at all before its fast models are built."""
     found: list[_Candidate] = []
+    lever: _Candidate | None = None  # the fastest optimizer lever so far that fits a useful micro-batch
     for base in bases:
+        if lever is not None and not offload.is_lever(base):
+            return _chosen_lever(lever, reasons)
+        if lever is not None and _cannot_beat(spec, base, card, seq, target_batch, min(checkpointing), lever):
+            reasons.append(f"{_config_name(base)} not tried: even with the whole effective batch in one micro-batch "
+                           f"it would be slower than {lever.cfg.optimizer} at micro-batch {lever.batch_size}")
+            continue
         name = _config_name(base)
         per_method = []
         lean = replace(base, gradient_checkpointing=max(checkpointing))
@@ -678,6 +705,11 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
         found.append(best)
         # a method that fits a useful micro-batch in either checkpointing setting is strong enough; its fastest
         # setting is the one used
+        if offload.is_lever(base):  # levers are ranked by speed among themselves before one is chosen
+            if any(c.batch_size >= min(USEFUL_BATCH, c.effective) for c in per_method) and (
+                    lever is None or best.speed.tokens_per_second > lever.speed.tokens_per_second):
+                lever = best
+            continue
         if len(bases) > 1 and any(c.batch_size >= min(USEFUL_BATCH, c.effective) for c in per_method):
             useful = min(USEFUL_BATCH, best.effective)
             how = "" if best.batch_size >= useful else " (with checkpointing; the faster setting without it is used)"
@@ -689,6 +721,8 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
             if base.method == "full" and base.precision.endswith("-true"):
                 reasons.append(_SIXTEEN_BIT_TRADE)
             return best
+    if lever is not None:
+        return _chosen_lever(lever, reasons)
     if not found:
         return None
     best = max(found, key=lambda c: (c.batch_size >= min(USEFUL_BATCH, c.effective), c.speed.tokens_per_second))
@@ -700,11 +734,79 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
     return best
 
 
+# -- the optimizer levers (offload.py): 8-bit, paged 8-bit and CPU-offloaded AdamW state -----------------------------
+def _levers(card, method: str, optimizer: str, allow, no_offload: bool) -> tuple[str, ...]:
+    """The levers the search may pull: those allowed, for full fine-tuning on a card, when the optimizer asked is a
+    plain AdamW; by default only when method="full" is asked (``auto`` moves to LoRA first)."""
+    names = offload.allowed(allow, no_offload=no_offload)
+    if card.source == "host" or optimizer in offload.LEVER_OF or (allow is None and method != "full"):
+        return ()
+    return names
+
+
+def _host_holds(spec, cfg: StepConfig, reasons: list[str]) -> bool:
+    """Whether host RAM available now holds what the lever of ``cfg`` keeps there, with the run's own host need
+    (``host.estimate`` without the lever); says so in the reasons when it does not."""
+    held = sum(offload.host_bytes(spec, cfg).values())
+    if not held:
+        return True
+    machine = hostmem.Machine.now()
+    plain = hostmem.estimate(spec, replace(cfg, optimizer="adamw_torch_fused"), batch_size=1, seq_len=MIN_SEQ_LEN,
+                             tokens=None, loader=hostmem.Loader(num_workers=0, pin_memory=False), machine=machine)
+    if plain.peak_bytes + held <= machine.available_bytes:
+        return True
+    reasons.append(f"{_config_name(cfg)} ruled out: it keeps {fmt_bytes(held)} in host RAM, and with the run's own "
+                   f"{fmt_bytes(plain.peak_bytes)} that is more than the {fmt_bytes(machine.available_bytes)} available")
+    return False
+
+
+def _cannot_beat(spec, cfg: StepConfig, card, seq, target_batch, checkpointing: bool, lever: _Candidate) -> bool:
+    """True when ``cfg`` at its best case (the whole effective batch in one micro-batch) is no faster than ``lever``."""
+    best_case = throughput(spec, replace(cfg, gradient_checkpointing=checkpointing), card, batch_size=target_batch,
+                           seq_len=seq, grad_accum=1, trainable=_trainable(spec, cfg))
+    return best_case.tokens_per_second <= lever.speed.tokens_per_second
+
+
+def _chosen_lever(cand: _Candidate, reasons: list[str]) -> _Candidate:
+    reasons.append(f"{_config_name(cand.cfg)} chosen: plain AdamW leaves no micro-batch of "
+                   f"{min(USEFUL_BATCH, cand.effective)}; of the optimizer levers allowed, this one is fastest")
+    if cand.cfg.precision.endswith("-true"):
+        reasons.append(_SIXTEEN_BIT_TRADE)
+    return cand
+
+
+def _lever_reason(spec, cand: _Candidate, card, seq: int) -> str:
+    """What the chosen lever bought (the static part on the card) and cost (estimated speed against plain AdamW)."""
+    plain = replace(cand.cfg, optimizer="adamw_torch_fused")
+    state = offload.layout(spec, cand.cfg)
+    plain_state = offload.layout(spec, plain)
+    speed = throughput(spec, plain, card, batch_size=cand.batch_size, seq_len=seq, grad_accum=cand.grad_accum,
+                       trainable=_trainable(spec, plain)).tokens_per_second
+    return offload.reason(cand.cfg, plain_state.device, state.device, speed, cand.speed.tokens_per_second,
+                          offload.host_bytes(spec, cand.cfg))
+
+
+def _host(spec, cand: _Candidate, estimate: MemoryEstimate, need: int, seq: int, lengths, reasons: list[str]):
+    """The run's host-RAM estimate with the data loader that fits (``host.plan_host``); its reasons appended."""
+    cpu = cand.cfg.device == "cpu"
+    try:
+        est, notes = hostmem.plan_host(
+            spec, cand.cfg, batch_size=cand.batch_size, seq_len=seq, tokens=hostmem.tokens_of(lengths, seq),
+            step_bytes=need if cpu else 0,
+            step_resident=estimate.weights + estimate.gradients + estimate.optimizer_state if cpu else 0)
+    except Exception as err:  # the host estimate never stops a plan
+        log.warning("host memory not estimated (%s)", err)
+        return None
+    reasons.extend(notes)
+    return est
+
+
 def _defer(cand: _Candidate, reasons: list[str], text: Callable[[_Candidate], str]) -> None:
     """A reason that quotes ``cand``: written now with its method named, and again without once ``cand`` is chosen
     and settled (its micro-batch may still change when simulated exactly)."""
     cand.deferred.append((len(reasons), text))
-    reasons.append(f"{_method_name(cand.cfg.method)}: {text(cand)}")
+    name = _config_name(cand.cfg) if offload.is_lever(cand.cfg) else _method_name(cand.cfg.method)
+    reasons.append(f"{name}: {text(cand)}")
 
 
 def _checkpointing_cannot_win(spec, cfg, card, seq, target_batch, without: _Candidate) -> bool:
@@ -721,6 +823,8 @@ def _method_name(method: str) -> str:
 def _config_name(cfg: StepConfig) -> str:
     """"full fine-tuning", or "full fine-tuning in bf16-true" for 16-bit weights; "LoRA"; "QLoRA"."""
     name = _method_name(cfg.method)
+    if offload.is_lever(cfg):
+        return f"{name} in {cfg.precision} with {cfg.optimizer}"
     return f"{name} in {cfg.precision}" if cfg.method == "full" and cfg.precision.endswith("-true") else name
 
 
@@ -1176,6 +1280,8 @@ def _does_not_fit(spec, card, allowed, seq, asked: _Asked, progress=None) -> Doe
         verdict = "within the budget" if static <= allowed else "still over it"
         ways.append(f"optimizer='adamw_8bit' (AdamW state in 2 bytes per parameter instead of 8) brings full "
                     f"fine-tuning's static part to {fmt_bytes(static)}, {verdict}")
+    if "full" in asked.methods:
+        ways.extend(_lever_ways(spec, card, allowed, shortest, lean, asked, context, progress))
     if lean is False and dynamic:
         cfg = _base_config(card, dynamic[-1], asked, checkpointing=True)
         need, _ = _least_need(spec, cfg, shortest, context, progress)
@@ -1195,6 +1301,26 @@ def _does_not_fit(spec, card, allowed, seq, asked: _Asked, progress=None) -> Doe
         binding = "; ".join(f"{_method_name(m)}: {t}" for m, t in zip(asked.methods, terms))
     return DoesNotFitError(f"{spec.name} does not fit {card.name} (budget {fmt_bytes(allowed)}) {which}: {binding}. "
                            f"Ways out: {'; '.join(ways)}", binding=binding, ways_out=tuple(ways))
+
+
+def _lever_ways(spec, card, allowed, seq, lean, asked: _Asked, context, progress) -> list[str]:
+    """For each optimizer lever, the least full fine-tuning needs with it (its leanest precision, micro-batch 1 x
+    ``seq``, checkpointing where allowed), against the budget; levers the search was not allowed say so."""
+    precision = asked.knobs.get("precision") or ("bf16-true" if card.bf16 else None)
+    ways = []
+    for lever, optimizer in offload.LEVERS.items():
+        cfg = _base_config(card, "full", asked, checkpointing=lean, optimizer=optimizer,
+                           **({"precision": precision} if precision else {}))
+        static = _static_bytes(spec, cfg) + context
+        need = static if static > allowed else _least_need(spec, cfg, seq, context, progress)[0]
+        shape = "its static part" if static > allowed else \
+            f"micro-batch 1 x {seq} tokens{' with checkpointing' if lean else ''}"
+        verdict = "fits" if need <= allowed else "still over"
+        held = sum(offload.host_bytes(spec, cfg).values())
+        ways.append(f"allow='{lever}' ({optimizer}, {cfg.precision}): {shape} needs {fmt_bytes(need)} on the card, "
+                    f"{verdict}" + (f", with {fmt_bytes(held)} in host RAM" if held else "")
+                    + ("" if lever in asked.levers else " (not tried: not allowed)"))
+    return ways
 
 
 # -- many models on one card ---------------------------------------------------------------------------------------------

@@ -8,7 +8,8 @@ import json
 from dataclasses import asdict, dataclass
 
 from autofit import gpu as gpus
-from autofit import validate
+from autofit import offload, validate
+from autofit.host import HostEstimate
 from autofit.errors import ConfigError
 from autofit.memory import MemoryEstimate
 from autofit.runs import RunEstimate
@@ -104,6 +105,7 @@ class Plan:
     trainable_params: int | None = None
     task: str = "causal-lm"  # the head trained (autofit.sim.arch.TASKS)
     target_len: int | None = None  # an encoder-decoder's target (decoder) tokens per sample; None: seq_len
+    host: HostEstimate | None = None  # the run's host RAM at its peak, and the data loader that fits it
 
     def __post_init__(self) -> None:
         validate.plan_fields(self)
@@ -157,9 +159,17 @@ class Plan:
             gradient_accumulation_steps=self.grad_accum,
             bf16=self.precision == "bf16-mixed",  # "-true" precisions train a 16-bit model without autocast
             fp16=self.precision == "16-mixed",
-            optim={"adamw_8bit": "adamw_bnb_8bit"}.get(self.optimizer, self.optimizer),
+            optim={"adamw_8bit": "adamw_bnb_8bit", "adamw_cpu_offload": "adamw_torch"}.get(self.optimizer,
+                                                                                            self.optimizer),
             max_grad_norm=1.0,
         )
+        if self.optimizer == "adamw_cpu_offload":
+            # torchao copies each gradient to the host as backward finishes it, before the Trainer would clip; the
+            # optimizer itself comes from optimizer_cls_and_kwargs() (TrainingArguments.optim cannot name it)
+            kwargs["max_grad_norm"] = 0.0
+        if self.host is not None:
+            kwargs.update(dataloader_num_workers=self.host.loader.num_workers,
+                          dataloader_pin_memory=self.host.loader.pin_memory)
         kwargs[ckpt] = self.gradient_checkpointing
         if self.gradient_checkpointing:
             kwargs[f"{ckpt}_kwargs"] = {"use_reentrant": False}
@@ -175,6 +185,20 @@ class Plan:
         except ValueError as err:
             raise ConfigError(f"transformers rejects these arguments here: {str(err).splitlines()[0]} (this plan is "
                               f"for {self.gpu.name}; without it, pass use_cpu=True, bf16=False, fp16=False)") from None
+
+    def optimizer_cls_and_kwargs(self, args=None):
+        """``(optimizer class, kwargs)`` for ``Trainer(optimizer_cls_and_kwargs=...)`` where the plan's optimizer is one
+        ``TrainingArguments.optim`` cannot name (AdamW offloaded to the CPU through torchao), else None. ``args``
+        (the ``TrainingArguments``) supplies the learning rate, betas, epsilon and weight decay. Raises
+        ``ConfigError`` when torchao is not installed."""
+        found = offload.training_optimizer(self.optimizer)
+        if found is None:
+            return None
+        cls, kwargs = found
+        if args is not None:
+            kwargs = dict(kwargs, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
+                          eps=args.adam_epsilon, weight_decay=args.weight_decay)
+        return cls, kwargs
 
     def lora_config(self, model=None):
         """The peft ``LoraConfig`` of this plan, or None for full fine-tuning. Given the ``model`` it will wrap, its
@@ -227,6 +251,7 @@ class Plan:
         out["trials"] = [asdict(t) if hasattr(t, "__dataclass_fields__") else t for t in self.trials]
         out["run"] = self.run.to_dict() if self.run is not None else None
         out["alternatives"] = list(self.alternatives)
+        out["host"] = self.host.to_dict() if self.host is not None else None
         return out
 
     def to_json(self, **kwargs) -> str:
@@ -248,6 +273,7 @@ class Plan:
             data["trials"] = tuple(Trial.from_dict(t) for t in data.get("trials") or ())
             data["alternatives"] = tuple(data.get("alternatives") or ())
             data["run"] = RunEstimate.from_dict(data["run"]) if data.get("run") else None
+            data["host"] = HostEstimate.from_dict(data["host"]) if data.get("host") else None
             if isinstance(data.get("precision"), str):  # plans written before "-mixed"/"-true" named precision so
                 data["precision"] = simulate.precision_name(data["precision"])
             return cls(**data)
@@ -314,6 +340,14 @@ class Plan:
             r = self.run
             lines.append(f"  over a run           {r.steps} steps padded to {min(r.lengths)}-{max(r.lengths)} tokens "
                          f"({r.length_source}): needs {fmt_bytes(r.required_bytes)}; {r.growth()}")
+        if self.host is not None:
+            h = self.host
+            lines.append(f"  host RAM             {h.line()}")
+            lines.append(f"    data loader        {h.loader.num_workers} worker{'' if h.loader.num_workers == 1 else 's'}, "
+                         "pinned batches "
+                         f"{'on' if h.loader.pin_memory else 'off'}")
+            for name, value in h.parts:
+                lines.append(f"    {name:<40}  {fmt_bytes(value):>11}")
         if self.expandable_segments:
             lines.append("  allocator            export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True   "
                          "(before Python starts; autofit train sets it)")

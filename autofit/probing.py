@@ -30,7 +30,7 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-from autofit import calibration, memory, validate
+from autofit import calibration, memory, offload, validate
 from autofit import gpu as gpus
 from autofit import model as models
 from autofit.errors import ProbeError
@@ -238,8 +238,11 @@ def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps
     if cfg.gradient_checkpointing:
         simulate._enable_checkpointing(model)
     params = [p for p in models.unique_params(model) if p.requires_grad]
-    optimizer = simulate.make_optimizer(params, cfg.optimizer) if cfg.optimizer != "adamw_8bit" else \
-        _bnb_or_simulated_adam8bit(params)
+    if cfg.optimizer in ("paged_adamw_8bit", "adamw_cpu_offload") and device.torch_device.startswith("cuda"):
+        optimizer = offload.trial_optimizer(params, cfg.optimizer)  # the library's own, where it imports
+    else:
+        optimizer = simulate.make_optimizer(params, cfg.optimizer) if cfg.optimizer != "adamw_8bit" else \
+            _bnb_or_simulated_adam8bit(params)
     autocast = device.autocast()
     # peaks are the steps' (as the estimate's are), not loading's: reset once the model and optimizer exist
     device.reset()

@@ -30,6 +30,7 @@ from transformers import Trainer, TrainerCallback
 
 from autofit import data as datasets
 from autofit import gpu as gpus
+from autofit import host as hostmem
 from autofit import planner, validate
 from autofit.sim import kbit
 from autofit import model as models
@@ -176,6 +177,9 @@ def train(
     getattr(tell, "done", lambda: None)()  # end a terminal's progress line before the Trainer prints
     if learning_rate is None and random_init:
         learning_rate = 1e-3  # random weights learn at pretraining rates, not fine-tuning ones
+    # the loader that fits this machine's RAM now, with the data's tokens counted; plan.json says what the run used
+    plan = hostmem.refit_loader(plan, spec, tokens=sum(len(item["input_ids"]) for item in train_set), tell=log.warning)
+    write_atomic(out / "plan.json", plan.to_json())
     args = _arguments(plan, out, steps, epochs, learning_rate, eval_steps, save_steps, bool(eval_set), progress,
                       len(train_set))
     checkpoint = _last_checkpoint(out) if resume else None
@@ -184,9 +188,11 @@ def train(
     # steps after the checkpoint run again: their rows go, so the log holds each step once
     _trim_memory_log(out / "memory_log.jsonl", _step_of(checkpoint))
     memory_log = MemoryLog(out / "memory_log.jsonl", tokens_per_step=plan.effective_batch * plan.seq_len)
+    planned_optimizer = plan.optimizer_cls_and_kwargs(args)  # one TrainingArguments.optim cannot name, or None
     trainer = _Trainer(model=net, args=args, train_dataset=train_set, eval_dataset=eval_set,
                        data_collator=lambda batch: datasets.collate(batch, tok.pad_token_id), processing_class=tok,
-                       callbacks=[memory_log])
+                       callbacks=[memory_log],
+                       **({"optimizer_cls_and_kwargs": planned_optimizer} if planned_optimizer else {}))
     if not progress:
         from transformers.trainer_callback import PrinterCallback
 

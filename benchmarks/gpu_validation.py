@@ -30,6 +30,9 @@ runs (issue 10): 30 steps whose padded length changes every step (lengths drawn 
    seed), six configurations (distilgpt2 and TinyLlama-1.1B x full bf16-mixed, full bf16-true and LoRA, checkpointing
    split between them, so each model has each precision once and each precision both settings); peaks after steps
    2, 10 and 30 against ``runs.estimate_run``. The other six run last, as ``runs-more``.
+offload (issue 12; only when named in ``--parts``): Qwen2.5-0.5B in bf16-true with plain, 8-bit (bitsandbytes) and
+   CPU-offloaded (torchao) AdamW state, six steps each: the card's peaks, the host memory added and tokens/s against
+   the simulated peaks, the optimizer's host state by layout and the planner's throughput (``gpu_offload.py``).
 
 The budget (``--minutes``) counts from the script's start: imports, the simulation workers and the CUDA context are
 in it. Each part is a list of units; before each unit the cost model (``gpu_budget``) predicts its seconds, and a
@@ -227,8 +230,17 @@ def build_parts(*, dry: bool, methods: list[str], specs: dict, wanted: list[str]
         parts["ranks"] = [U(part="ranks", label=f"{_short(name)} DDP and FSDP2 on a world of one", kind="ranks",
                             params=(common.shrink(model.resolve(name)) if dry else model.resolve(name)).total_params, builds=3, tokens=3 * 2 * b * s,
                             args=(name, b, s)) for name in names]
+    if "offload" in wanted:
+        import gpu_offload
+
+        name = "tiny" if dry else gpu_offload.MODEL
+        batch, seq, steps = ((gpu_offload.DRY_BATCH, gpu_offload.DRY_SEQ, gpu_offload.DRY_STEPS) if dry else
+                             (gpu_offload.BATCH, gpu_offload.SEQ, gpu_offload.STEPS))
+        parts["offload"] = [U(part="offload", label=f"{_short(name)} {opt} b{batch} s{seq}", kind="trial",
+                              params=specs[name].total_params, tokens=steps * batch * seq, args=(name, opt))
+                            for opt in gpu_offload.OPTIMIZERS]
     # each part's required core first, in the issue's order; what only adds more of the same after all of them
-    order = ["a", "b", "c", "d", "runs", "fam", "ranks", "c-more", "d-more", "a-more", "runs-more"]
+    order = ["a", "b", "c", "d", "runs", "fam", "ranks", "offload", "c-more", "d-more", "a-more", "runs-more"]
     return [(p, parts[p]) for p in order if parts.get(p)]
 
 
@@ -243,6 +255,10 @@ def model_names(wanted: list[str], models: list[str] | None) -> list[str]:
     for part, default in (("a", A_MODELS), ("b", BC_MODELS), ("c", BC_MODELS), ("d", D_MODELS), ("fam", FAM_MODELS)):
         if part in wanted:
             names += models or default
+    if "offload" in wanted:
+        import gpu_offload
+
+        names.append(gpu_offload.MODEL)
     return list(dict.fromkeys(names))
 
 
@@ -570,8 +586,17 @@ def run_ranks(unit, ctx: Context):
     ctx.log.append(row)
 
 
+def run_offload(unit, ctx: Context):
+    import gpu_offload
+
+    name, optimizer = unit.args
+    row = gpu_offload.measure(ctx.specs[name], ctx.card, common.device(ctx.dry), optimizer, dry=ctx.dry)
+    ctx.log.append(row)
+    print(gpu_offload.line(row), flush=True)
+
+
 RUNNERS = {"fam": run_fam, "a": run_a, "a-more": run_a, "b": run_b, "c": run_c, "c-more": run_c, "d": run_d,
-           "d-more": run_d, "runs": run_runs, "runs-more": run_runs, "ranks": run_ranks}
+           "d-more": run_d, "runs": run_runs, "runs-more": run_runs, "ranks": run_ranks, "offload": run_offload}
 
 
 def _methods(dry: bool, qlora: str) -> list[str]:

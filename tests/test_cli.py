@@ -149,12 +149,22 @@ def test_probe_effective_batch_max_and_plot(capsys, tmp_path):
 
 
 def test_a_model_that_cannot_fit_says_what_binds_with_flags(capsys):
-    code, out, err = run(capsys, "probe", "meta-llama/Llama-3.2-1B", "--gpu", "rtx3060", "--method", "full", "--quiet")
+    code, out, err = run(capsys, "probe", "meta-llama/Llama-3.2-1B", "--gpu", "rtx3060", "--method", "full",
+                         "--precision", "bf16-mixed", "--no-offload", "--quiet")
     assert code == 2 and out == ""
     line = err.strip()
     assert "\n" not in line and line.startswith("autofit: error: meta-llama/Llama-3.2-1B does not fit")
     assert "its weights, gradients and AdamW state alone need 18.92 GiB. Ways out: --method lora or --method qlora" in line
     assert "--optimizer adamw_8bit" in line and "method='" not in line
+
+
+def test_full_fine_tuning_that_does_not_fit_plain_adamw_finds_an_optimizer_lever(capsys):
+    code, out, _ = run(capsys, "probe", "meta-llama/Llama-3.2-1B", "--gpu", "rtx3060", "--method", "full", "--quiet")
+    assert code == 0
+    optimizer = next(line.split()[-1] for line in out.splitlines() if line.startswith("  optimizer "))
+    assert optimizer in ("adamw_8bit", "paged_adamw_8bit", "adamw_cpu_offload")
+    assert f"- optimizer {optimizer}: " in out and "slower than with plain AdamW at the same micro-batch" in out
+    assert "  host RAM             needs " in out and " available (" in out
 
 
 def test_fit_table(capsys):

@@ -44,7 +44,7 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 PRECISIONS = ("bf16-mixed", "16-mixed", "bf16-true", "16-true", "32-true")
 PRECISION_ALIASES = {"bf16": "bf16-mixed", "fp16": "16-mixed", "16": "16-mixed", "fp16-mixed": "16-mixed",
                       "fp16-true": "16-true", "fp32": "32-true", "32": "32-true", "fp32-true": "32-true"}
-OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit")
+OPTIMIZERS = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adamw_cpu_offload")
 
 # What a live allocation holds; ``HOST`` allocations live in host memory on a real run and are not counted.
 WEIGHTS, GRADIENTS, OPTIMIZER, ACTIVATIONS, LOGITS, TEMPORARIES, HOST = range(7)
@@ -271,11 +271,27 @@ def imitate_cuda(cfg: StepConfig, kernels: list[str]) -> Iterator[CudaAutocast]:
 
 # -- the optimizer and the step -------------------------------------------------------------------------------------
 class Adam8bit(torch.optim.Optimizer):
-    """bitsandbytes' 8-bit AdamW as it sits in memory: two uint8 moments and one fp32 absmax per 256-value block
-    for tensors of 4096 values or more (``min_8bit_size``), fp32 moments below; updates happen in place."""
+    """bitsandbytes' 8-bit AdamW as it sits in memory (bitsandbytes/optim/optimizer.py, ``Optimizer2State.init_state``
+    and ``get_state_buffer``, 0.44 and later): two uint8 moments and two fp32 absmax vectors of one value per
+    256-value block for tensors of ``MIN_8BIT_SIZE`` values or more, two fp32 moments below; the signed and unsigned
+    quantization maps (256 fp32 values each) once. Paged (``paged=True``), moments of ``PAGED_MIN_SIZE`` values or
+    more live in CUDA managed memory, which PyTorch's allocator never sees, so they are not allocated here; the
+    planner accounts for them by name. Updates happen in place."""
 
-    def __init__(self, params, lr: float = 1e-4) -> None:
+    MIN_8BIT_SIZE = 4096  # Optimizer2State(min_8bit_size=4096)
+    BLOCK = 256  # init_state: blocksize = 256 (2048 before bitsandbytes 0.44)
+    PAGED_MIN_SIZE = 100_000  # get_state_buffer: "if not self.is_paged or p.numel() < 1e5"
+    QMAP_VALUES = 256  # fill_qmap: create_dynamic_map(signed=True) and (signed=False), 256 values each
+
+    def __init__(self, params, lr: float = 1e-4, paged: bool = False) -> None:
         super().__init__(params, {"lr": lr})
+        self.paged = paged
+        self.qmaps: tuple[torch.Tensor, ...] = ()
+
+    def _buffer(self, p, dtype):
+        if self.paged and p.numel() >= self.PAGED_MIN_SIZE:
+            return None  # managed memory, outside the allocator
+        return torch.zeros_like(p, dtype=dtype)
 
     @torch.no_grad()
     def step(self):
@@ -284,15 +300,43 @@ class Adam8bit(torch.optim.Optimizer):
                 if p.grad is None or self.state[p]:
                     continue
                 state = self.state[p]
-                if p.numel() >= 4096:
-                    blocks = -(-p.numel() // 256)
-                    state["state1"] = torch.zeros_like(p, dtype=torch.uint8)
-                    state["state2"] = torch.zeros_like(p, dtype=torch.uint8)
+                if p.numel() >= self.MIN_8BIT_SIZE:
+                    if not self.qmaps:
+                        self.qmaps = tuple(torch.zeros(self.QMAP_VALUES, dtype=torch.float32, device=p.device)
+                                           for _ in range(2))
+                    blocks = -(-p.numel() // self.BLOCK)
+                    state["qmap1"], state["qmap2"] = self.qmaps
+                    for key in ("state1", "state2"):
+                        buffer = self._buffer(p, torch.uint8)
+                        if buffer is not None:
+                            state[key] = buffer
                     state["absmax1"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
                     state["absmax2"] = torch.zeros(blocks, dtype=torch.float32, device=p.device)
                 else:
                     state["state1"] = torch.zeros_like(p, dtype=torch.float32)
                     state["state2"] = torch.zeros_like(p, dtype=torch.float32)
+
+
+class CpuOffloadAdam(torch.optim.Optimizer):
+    """torchao's ``CPUOffloadOptimizer`` (torchao/optim/cpu_offload.py, ``offload_gradients=False``) as the card sees
+    it: parameters of ``MINIMAL_SIZE`` values or more get pinned host copies (parameter, gradient, AdamW moments)
+    and their step runs on the CPU, so they hold no optimizer state on the card; their gradients stay on the card
+    until ``zero_grad``. Smaller parameters keep a fused AdamW on the card. The host copies are accounted by name."""
+
+    MINIMAL_SIZE = 4096  # CPUOffloadOptimizer(minimal_size=4096)
+
+    def __init__(self, params, lr: float = 1e-4) -> None:
+        params = list(params)
+        super().__init__(params, {"lr": lr})
+        small = [p for p in params if p.numel() < self.MINIMAL_SIZE]
+        self.on_device = torch.optim.AdamW(small, lr=lr, fused=True) if small else None
+        if self.on_device is not None:
+            self.state = self.on_device.state  # what the card holds is the on-device optimizer's state
+
+    @torch.no_grad()
+    def step(self):
+        if self.on_device is not None:
+            self.on_device.step()
 
 
 def make_optimizer(params: list[nn.Parameter], name: str) -> torch.optim.Optimizer:
@@ -301,7 +345,9 @@ def make_optimizer(params: list[nn.Parameter], name: str) -> torch.optim.Optimiz
         return torch.optim.AdamW(params, lr=1e-4, fused=True)
     if name == "adamw_torch":
         return torch.optim.AdamW(params, lr=1e-4, foreach=True)
-    return Adam8bit(params)
+    if name == "adamw_cpu_offload":
+        return CpuOffloadAdam(params)
+    return Adam8bit(params, paged=name == "paged_adamw_8bit")
 
 
 def _clip_grad_norm(grads: list[torch.Tensor], max_norm: float) -> None:
