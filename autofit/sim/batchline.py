@@ -36,7 +36,7 @@ def sources(job):
     return [replace(job, batch_size=b, eval_batch_size=b) for b in SOURCE_BATCHES]
 
 
-def synthesize(job, lookup: Callable) -> "object | None":
+def synthesize(job, lookup: Callable):
     """The ``Simulation`` that ``simulate.run`` would record for ``job``, from the two source simulations that
     ``lookup(job)`` finds already made; None where they are missing or the line does not hold exactly."""
     # batch 1 is another event stream; a step without the evaluation pass calls attention fewer times, in an order
@@ -83,8 +83,6 @@ def _canonical_of(sim) -> np.ndarray:
 
 
 def _combine(low, high, batch_size: int, eval_batch_size: int):
-    from autofit.sim.simulate import Simulation
-
     if not _same_structure(low, high) or low.eval_batch_size != SOURCE_BATCHES[0]:
         return None
     tl = low.timeline
@@ -115,7 +113,7 @@ def _combine(low, high, batch_size: int, eval_batch_size: int):
     timeline = Timeline(sizes=sizes, tags=tl.tags, events=events, marks=marks, baseline=baseline,
                         adopted=tl.adopted, ops=tl.ops, raw_sizes=raw)
     step_peaks, eval_peak = _peaks(timeline, len(events), eval_at)
-    return Simulation(timeline=timeline, categories=low.categories, phases=low.phases,
+    return type(low)(timeline=timeline, categories=low.categories, phases=low.phases,
                       steps=low.steps, num_layers=low.num_layers, batch_size=batch_size,
                       seq_len=low.seq_len, attention_kernels=low.attention_kernels, step_peaks=tuple(step_peaks),
                       fake=low.fake, eval_batch_size=eval_batch_size, eval_peak=eval_peak)

@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 
 from autofit.errors import ConfigError, SimulationError
 from autofit.files import atomic_file
-from autofit.sim import arch, attention, batchline, kbit
+from autofit.sim import arch, attention, batchline, kbit, table
 from autofit.sim.cuda_autocast import CudaAutocast
 from autofit.sim.tracker import Tracker, Timeline
 
@@ -565,18 +565,24 @@ def cache_dir():
     return base / "sims" / hashlib.sha1(versions.encode()).hexdigest()[:12]
 
 
+def _file_name(job: Job) -> str:
+    import hashlib
+
+    return hashlib.sha1(repr(_key(job)).encode()).hexdigest()[:24] + ".npz"
+
+
 def _disk_path(job: Job):
     folder = cache_dir()
     if folder is None:
         return None
-    import hashlib
-
-    return folder / (hashlib.sha1(repr(_key(job)).encode()).hexdigest()[:24] + ".npz")
+    return folder / _file_name(job)
 
 
 def _load(job: Job) -> Simulation | None:
     path = _disk_path(job)
     if path is None or not path.exists():
+        path = table.path(_file_name(job))  # the simulations shipped with autofit (autofit/sim/table.py)
+    if path is None:
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
