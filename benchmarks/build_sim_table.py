@@ -25,6 +25,8 @@ def main(argv=None) -> int:
     parser.add_argument("--cards", default="rtx4060-laptop,rtx3060,a100-80gb")
     parser.add_argument("--models", default=None, help="comma-separated (default: the whole catalog)")
     parser.add_argument("--keep", action="store_true", help="add to this key's table rather than start it afresh")
+    parser.add_argument("--pack-from", default=None, metavar="FOLDER",
+                        help="plan nothing: pack the cache files in FOLDER (and its answers.json) as this key's table")
     args = parser.parse_args(argv)
     scratch = Path(tempfile.mkdtemp(prefix="autofit-table-"))
     os.environ["AUTOFIT_CACHE"] = str(scratch)  # every simulation the plans make lands here
@@ -34,36 +36,41 @@ def main(argv=None) -> int:
     from autofit.errors import AutofitError
     from autofit.sim import simulate, table
 
-    names = args.models.split(",") if args.models else model.catalog_names()
     started = time.perf_counter()
-    for card in args.cards.split(","):
-        for name in names:
-            simulate._CACHE.clear()
-            runs._MODELS.clear()
-            t0 = time.perf_counter()
-            try:
-                p = planner.plan(model.resolve(name), card, probe=False)
-                what = f"{p.method} {p.batch_size}x{p.grad_accum}"
-            except AutofitError as err:
-                what = f"{type(err).__name__}"
-            print(f"{name:<40} {card:<15} {what:<24} {time.perf_counter() - t0:7.1f} s", flush=True)
-    made = sorted(simulate.cache_dir().glob("*.npz"))
+    if args.pack_from:
+        source = Path(args.pack_from)
+        made = sorted(source.glob("*.npz"))
+        answers = json.loads((source / "answers.json").read_text()) if (source / "answers.json").exists() else {}
+    else:
+        names = args.models.split(",") if args.models else model.catalog_names()
+        for card in args.cards.split(","):
+            for name in names:
+                simulate._CACHE.clear()
+                runs._MODELS.clear()
+                t0 = time.perf_counter()
+                try:
+                    p = planner.plan(model.resolve(name), card, probe=False)
+                    what = f"{p.method} {p.batch_size}x{p.grad_accum}"
+                except AutofitError as err:
+                    what = f"{type(err).__name__}"
+                print(f"{name:<40} {card:<15} {what:<24} {time.perf_counter() - t0:7.1f} s", flush=True)
+        made = sorted(simulate.cache_dir().glob("*.npz"))
+        answers = dict(table._KEPT)
     target = table.folder()
+    if args.keep and target.is_dir():  # what this key's table holds already stays
+        unpacked = scratch / "shipped"
+        unpacked.mkdir(exist_ok=True)
+        for name, (archive, offset, length) in table._index().items():
+            (unpacked / name).write_bytes(table._archive(archive)[offset:offset + length])
+        made = sorted({p.name: p for p in [*unpacked.glob("*.npz"), *made]}.values())
+        answers = {**table.shipped_answers(), **answers}
     for old in table.ROOT.glob("*"):
-        if old.is_dir() and (old != target or not args.keep):
+        if old.is_dir():
             shutil.rmtree(old)
-    target.mkdir(parents=True, exist_ok=True)
-    for path in made:
-        shutil.copyfile(path, target / path.name)
+    size = table.pack(made, target) + table.write_answers(target, answers)
     shutil.rmtree(scratch, ignore_errors=True)
-    answers = target / "answers.json"
-    kept = json.loads(answers.read_text()) if args.keep and answers.exists() else {}
-    kept.update(table._KEPT)
-    answers.write_text(json.dumps(kept, sort_keys=True, separators=(",", ":")))
-    size = sum(p.stat().st_size for p in target.iterdir())
-    print(f"# {len(list(target.glob('*.npz')))} simulations and {len(kept)} allocator replays, "
-          f"{size / 2**20:.1f} MiB in {target} "
-          f"({time.perf_counter() - started:.0f} s)")
+    print(f"# {len(made)} simulations and {len(answers)} allocator replay answers, {size / 2**20:.2f} MiB in "
+          f"{target} ({time.perf_counter() - started:.0f} s)")
     return 0
 
 
