@@ -4,7 +4,7 @@ A cold ``plan()`` spends nearly all its time simulating steps and replaying them
 (benchmarks/plan_speed.py prints the breakdown), and for the catalog's models with the planner's defaults those are
 the same for everyone. They ship in ``autofit/simtable/<key>/``: each simulation as the on-disk cache stores it
 (``simulate._save``), named by the same job key, packed with the simulations of the same model, method and depth
-into one xz archive (they differ in little but their sizes, so a group packs about twelvefold), an index of where
+into one xz archive (they differ in little but their sizes, so a group packs well), an index of where
 each lies, and the answers of the allocator replays those plans ran (``answers.json.xz``). ``key()`` covers what a
 simulation depends on besides the job: the versions of autofit, PyTorch, transformers and peft, and the source of the
 simulation engine itself (``autofit/sim/*.py`` but this reader), which decides the attention kernel for each card
@@ -119,7 +119,7 @@ def pack(files, target: Path) -> int:
             index[name] = [f"{group}.xz", offset, len(data)]
             blob.write(data)
             offset += len(data)
-        packed = lzma.compress(blob.getvalue(), preset=9 | lzma.PRESET_EXTREME)
+        packed = lzma.compress(blob.getvalue(), preset=6)
         (target / f"{group}.xz").write_bytes(packed)
         written += len(packed)
     text = json.dumps(index, sort_keys=True, separators=(",", ":"))
