@@ -113,6 +113,25 @@ def baseline(spec, card: str, p: planner.Plan) -> tuple[float, int, int]:
     return time.perf_counter() - started, calls, found_for_plan
 
 
+def before(spec, card: str, seq, p) -> tuple[float, bool]:
+    """(seconds, same plan) for a cold plan with the fast paths off: every step simulated, every replay run."""
+    saved = {k: os.environ.get(k) for k in ("AUTOFIT_TABLE", "AUTOFIT_BATCHLINE")}
+    os.environ.update(AUTOFIT_TABLE="off", AUTOFIT_BATCHLINE="off")
+    try:
+        cold()
+        started = time.perf_counter()
+        slow = planner.plan(spec, card, seq_len=seq, probe=False)
+        seconds = time.perf_counter() - started
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        cold()
+    return seconds, slow.to_dict() == p.to_dict()
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cards", default="rtx4060-laptop,rtx3060,a100-80gb")
@@ -121,6 +140,9 @@ def main(argv=None) -> int:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--json", default=None)
     parser.add_argument("--profile", type=int, default=0, help="print cProfile's top functions for this many cold plans")
+    parser.add_argument("--before", action="store_true",
+                        help="also time each cold plan as it was before the fast paths (no shipped table, no steps "
+                             "made from batches 2 and 4, no kept replay answers), side by side")
     args = parser.parse_args(argv)
     os.environ["AUTOFIT_CACHE"] = "off"  # cold means cold: no simulation from an earlier run on disk
     names = args.models.split(",") if args.models else model.catalog_names()
@@ -130,7 +152,8 @@ def main(argv=None) -> int:
           f"{'present' if table.folder().is_dir() else 'absent'})")
     print("# cold seconds split into: " + ", ".join(PARTS) + ", and the rest of the planner (other)")
     print(f"{'model':<40} {'card':<15} {'plan':<24} {'cold s':>7} "
-          + " ".join(f"{p[:6]:>6}" for p in PARTS) + f" {'other':>6} {'warm s':>7} {'baseline s':>10} "
+          + " ".join(f"{p[:6]:>6}" for p in PARTS) + f" {'other':>6} {'warm s':>7} "
+          + (f"{'before s':>8} {'ratio':>7} {'same':>5} " if args.before else "") + f"{'baseline s':>10} "
           f"{'sims':>5} {'ratio':>6} {'same batch':>10}")
     rows = []
     profiled = 0
@@ -176,6 +199,10 @@ def main(argv=None) -> int:
             summary = f"{p.method} {p.batch_size}x{p.grad_accum} s{p.seq_len}{' ckpt' if p.gradient_checkpointing else ''}"
             line = (f"{name:<40} {card:<15} {summary:<24} {cold_s:>7.2f} "
                     + " ".join(f"{parts[k]:>6.2f}" for k in PARTS) + f" {other:>6.2f} {warm:>7.3f}")
+            if args.before:
+                slow_s, same = before(spec, card, seq, p)
+                row.update(before_seconds=round(slow_s, 3), before_same_plan=same)
+                line += f" {slow_s:>8.2f} {slow_s / cold_s:>6.1f}x {str(same):>5}"
             if args.no_baseline:
                 print(line, flush=True)
             else:
