@@ -36,6 +36,7 @@ def main(argv=None) -> int:
     from autofit.errors import AutofitError
     from autofit.sim import simulate, table
 
+    table.RECORD = True  # keep every replay answer the plans compute, to ship them
     started = time.perf_counter()
     if args.pack_from:
         source = Path(args.pack_from)

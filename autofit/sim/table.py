@@ -134,7 +134,8 @@ def pack(files, target: Path) -> int:
 # ``answers.json.xz`` for the streams the catalog's default plans replay.
 _ANSWERS: dict[str, object] = {}
 _ANSWERS_SIZE = 8192
-_KEPT: dict[str, object] = {}  # answers computed in this process (what build_sim_table.py ships)
+_KEPT: dict[str, object] = {}  # with RECORD, every answer computed in this process (what build_sim_table.py ships)
+RECORD = False
 
 
 def answer_key(kind: str, sizes, events, baseline_uids, **options) -> str:
@@ -165,7 +166,9 @@ def answer(key_: str):
 def keep(key_: str, value) -> None:
     if len(_ANSWERS) >= _ANSWERS_SIZE:
         _ANSWERS.pop(next(iter(_ANSWERS)))
-    _ANSWERS[key_] = _KEPT[key_] = value
+    _ANSWERS[key_] = value
+    if RECORD:
+        _KEPT[key_] = value
 
 
 def forget() -> None:
