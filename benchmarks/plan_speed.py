@@ -153,8 +153,8 @@ def main(argv=None) -> int:
     print("# cold seconds split into: " + ", ".join(PARTS) + ", and the rest of the planner (other)")
     print(f"{'model':<40} {'card':<15} {'plan':<24} {'cold s':>7} "
           + " ".join(f"{p[:6]:>6}" for p in PARTS) + f" {'other':>6} {'warm s':>7} "
-          + (f"{'before s':>8} {'ratio':>7} {'same':>5} " if args.before else "") + f"{'baseline s':>10} "
-          f"{'sims':>5} {'ratio':>6} {'same batch':>10}")
+          + (f"{'before s':>8} {'ratio':>7} {'same':>5} " if args.before else "")
+          + ("" if args.no_baseline else f"{'baseline s':>10} {'sims':>5} {'ratio':>6} {'same batch':>10}"))
     rows = []
     profiled = 0
     for card in args.cards.split(","):
