@@ -544,13 +544,30 @@ def simulate_depths(spec, cfg, shapes, progress, eval_batch_size=None, eval_with
                 for d in depths for b, s in shapes]
         sims = simulate.run_many(jobs, progress)
         try:
-            return depths, sims, fit_envelope(sims, spec, spec.num_layers)
+            return depths, sims, _envelope_of(sims, spec)
         except SimulationError:
             if attempt == "whole" or len(depths) == 1 or (attempt == "deep" and not whole):
                 raise
             log.debug("depths %s do not fit %s; simulating %s", depths, spec.name,
                       "deeper" if attempt == "shallow" else "the whole depth")
     raise AssertionError("unreachable")
+
+
+_ENVELOPES: dict[tuple, tuple[list[Simulation], "_Envelope"]] = {}  # by the simulations' identities (held, so an
+_ENVELOPES_SIZE = 64  # identity is not reused while its entry lives) and what of the spec the fit reads
+
+
+def _envelope_of(sims: list[Simulation], spec: models.ModelSpec) -> "_Envelope":
+    """``fit_envelope`` at the model's depth, fitted once per set of simulations: a plan asks for the same fit for
+    its fast model, its exact estimates and its run model, and a warm plan asks again."""
+    types = getattr(spec.config, "layer_types", None)
+    key = (tuple(id(s) for s in sims), spec.num_layers, tuple(types) if types else None)
+    hit = _ENVELOPES.get(key)
+    if hit is None:
+        if len(_ENVELOPES) >= _ENVELOPES_SIZE:
+            _ENVELOPES.pop(next(iter(_ENVELOPES)))
+        hit = _ENVELOPES[key] = (list(sims), fit_envelope(sims, spec, spec.num_layers))
+    return hit[1]
 
 
 # -- the fast model over shapes ---------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 import numpy as np
@@ -305,6 +305,7 @@ class RunModel:
         self.templates = [_template([s for s in sims if s.num_layers == d]) for d in self.depths]
         self.workspaces = memory.workspace_bytes(cfg)
         self._share: float | None = None  # quick_need's allocator margin, fitted on first use
+        self._answers: dict[tuple, RunEstimate] = {}  # estimate's results by their arguments
 
     def estimate(self, batch_size: int, lengths: Sequence[int], *, eval_every: int | None = None,
                  eval_batch_size: int | None = None, length_source: str = DEFAULT_LENGTHS,
@@ -316,6 +317,11 @@ class RunModel:
                               f"{max(lengths, default=None)}")
         if eval_every is not None and (eval_every < 1 or not eval_batch_size):
             raise ConfigError("evaluation needs eval_every >= 1 and an eval batch size")
+        # a run's replays take a good part of a second; planning asks the same run again (a warm plan, the plain
+        # and expandable checks of each batch), so each answer is kept; ``step`` is carried along, not modelled
+        key = (batch_size, lengths, eval_every, eval_batch_size, length_source, expandable_segments)
+        if key in self._answers:
+            return replace(self._answers[key], step=step)
         ws = self.workspaces
         extra = (ws // memory.WORKSPACE_THREADS,) * memory.WORKSPACE_THREADS if ws else ()
         host = self.cfg.device == "cpu"
@@ -351,13 +357,14 @@ class RunModel:
         else:
             curve_margin = np.max([reserved_curves[d] for d in self.depths], axis=0)
             curve = np.minimum(np.maximum.accumulate(prefix_full + np.maximum(curve_margin, 0)), reserved)
-        return RunEstimate(
+        self._answers[key] = answer = RunEstimate(
             model_name=self.spec.name, config=self.cfg, batch_size=batch_size, lengths=lengths,
             length_source=length_source, eval_every=eval_every, eval_batch_size=eval_batch_size if eval_every else None,
             peak_allocated=allocated, min_reserved=needed, peak_reserved=reserved,
             cuda_context=0 if host else memory.cuda_context_bytes(),
             reserved_after={k + 1: int(v) for k, v in enumerate(curve)}, expandable_segments=expandable_segments,
             step=step, simulated_layers=tuple(self.depths))
+        return answer
 
 
     def quick_need(self, batch_size: int, longest: int | None = None) -> int:

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from autofit.sim import table
+
 MIN_BLOCK = 512  # kMinBlockSize
 SMALL_SIZE = 1 << 20  # kSmallSize: the largest "small" request
 SMALL_BUFFER = 2 << 20  # kSmallBuffer: small pool segments
@@ -217,6 +219,22 @@ def replay(sizes: np.ndarray, events: np.ndarray, *, baseline_uids=(), expandabl
     allocator may reserve) it raises ``AllocatorOutOfMemory`` where the real allocator would. ``marks`` are event
     counts (ascending) after which the peak reserved so far is recorded, in ``reserved_at``.
     """
+    if limit is None:  # a replay that cannot fail is a pure function of its input: answered once (sim/table.py)
+        key = table.answer_key("replay", sizes, events, baseline_uids, expandable=expandable, extra=extra,
+                               marks=tuple(marks))
+        hit = table.answer(key)
+        if hit is None:
+            stats = _replay(sizes, events, baseline_uids=baseline_uids, expandable=expandable, extra=extra,
+                            marks=marks)
+            table.keep(key, [stats.peak_allocated, stats.peak_reserved, stats.segments, list(stats.reserved_at)])
+            return stats
+        return AllocatorStats(peak_allocated=hit[0], peak_reserved=hit[1], segments=hit[2],
+                              reserved_at=tuple(hit[3]))
+    return _replay(sizes, events, baseline_uids=baseline_uids, expandable=expandable, extra=extra, limit=limit,
+                   marks=marks)
+
+
+def _replay(sizes, events, *, baseline_uids=(), expandable=False, extra=(), limit=None, marks=()) -> AllocatorStats:
     alloc = CachingAllocator(expandable=expandable, limit=limit)
     for nbytes in extra:
         alloc.malloc(nbytes)
@@ -243,13 +261,22 @@ def min_limit(sizes: np.ndarray, events: np.ndarray, *, baseline_uids=(), expand
               extra: tuple[int, ...] = (), step: int = ROUND_LARGE) -> int:
     """The smallest allocator limit (a multiple of ``step`` bytes) under which the stream runs without an
     out-of-memory error: the memory the step really needs, fragmentation the allocator cannot undo included."""
+    key = table.answer_key("min_limit", sizes, events, baseline_uids, expandable=expandable, extra=extra, step=step)
+    hit = table.answer(key)
+    if hit is None:
+        hit = _min_limit(sizes, events, baseline_uids=baseline_uids, expandable=expandable, extra=extra, step=step)
+        table.keep(key, hit)
+    return hit
+
+
+def _min_limit(sizes, events, *, baseline_uids, expandable, extra, step) -> int:
     free_run = replay(sizes, events, baseline_uids=baseline_uids, expandable=expandable, extra=extra)
     low, high = free_run.peak_allocated // step, -(-free_run.peak_reserved // step)  # fails at low-1, runs at high
     low = max(low - 1, 0)
     while high - low > 1:
         mid = (low + high) // 2
         try:
-            replay(sizes, events, baseline_uids=baseline_uids, expandable=expandable, extra=extra, limit=mid * step)
+            _replay(sizes, events, baseline_uids=baseline_uids, expandable=expandable, extra=extra, limit=mid * step)
             high = mid
         except AllocatorOutOfMemory:
             low = mid

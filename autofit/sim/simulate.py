@@ -29,7 +29,7 @@ from torch._subclasses.fake_tensor import DataDependentOutputException, FakeTens
 
 from autofit.errors import ConfigError, ModelError, SimulationError
 from autofit.files import atomic_file
-from autofit.sim import arch, attention, kbit
+from autofit.sim import arch, attention, batchline, kbit, table
 from autofit.sim.cuda_autocast import CudaAutocast
 from autofit.sim.tracker import Tracker, Timeline
 
@@ -655,25 +655,32 @@ def cache_dir():
     return base / "sims" / hashlib.sha1(versions.encode()).hexdigest()[:12]
 
 
+def _file_name(job: Job) -> str:
+    import hashlib
+
+    return hashlib.sha1(repr(_key(job)).encode()).hexdigest()[:24] + ".npz"
+
+
 def _disk_path(job: Job):
     folder = cache_dir()
     if folder is None:
         return None
-    import hashlib
-
-    return folder / (hashlib.sha1(repr(_key(job)).encode()).hexdigest()[:24] + ".npz")
+    return folder / _file_name(job)
 
 
 def _load(job: Job) -> Simulation | None:
     path = _disk_path(job)
     if path is None or not path.exists():
+        path = table.path(_file_name(job))  # the simulations shipped with autofit (autofit/sim/table.py)
+    if path is None:
         return None
     try:
         with np.load(path, allow_pickle=False) as f:
             meta = json.loads(str(f["meta"]))
             timeline = Timeline(sizes=f["sizes"], tags=f["tags"], events=f["events"],
                                 marks=tuple((int(i), str(m)) for i, m in meta["marks"]), baseline=meta["baseline"],
-                                adopted=meta["adopted"], ops=tuple(meta["ops"]))
+                                adopted=meta["adopted"], ops=tuple(meta["ops"]),
+                                raw_sizes=f["raw_sizes"] if "raw_sizes" in f.files else None)
             return Simulation(timeline=timeline, categories=f["categories"], phases=f["phases"], steps=f["steps"],
                               num_layers=meta["num_layers"], batch_size=meta["batch_size"], seq_len=meta["seq_len"],
                               attention_kernels=tuple(meta["kernels"]), step_peaks=tuple(meta["step_peaks"]),
@@ -696,8 +703,9 @@ def _save(job: Job, sim: Simulation) -> None:
                 eval_batch_size=sim.eval_batch_size, eval_peak=sim.eval_peak)
     try:
         with atomic_file(path, "wb") as fh:
+            raw = {} if tl.raw_sizes is None else {"raw_sizes": tl.raw_sizes}
             np.savez_compressed(fh, sizes=tl.sizes, tags=tl.tags, events=tl.events, categories=sim.categories,
-                                phases=sim.phases, steps=sim.steps, meta=np.array(json.dumps(meta)))
+                                phases=sim.phases, steps=sim.steps, meta=np.array(json.dumps(meta)), **raw)
     except OSError as err:
         if path.parent not in _UNWRITABLE:  # once per folder: a read-only cache is said once, not per simulation
             _UNWRITABLE.add(path.parent)
@@ -739,8 +747,12 @@ def run_many(jobs: list[Job], progress=None) -> list[Simulation]:
     global _POOL
     results: dict[int, Simulation] = {}
     todo = []
+
+    def made(job: Job) -> Simulation | None:
+        return _CACHE.get(_key(job)) or _load(job)
+
     for i, job in enumerate(jobs):
-        hit = _CACHE.get(_key(job)) or _load(job)
+        hit = made(job) or batchline.synthesize(job, made)  # other batch sizes: exact from batches 2 and 4
         if hit is not None:
             results[i] = _CACHE[_key(job)] = hit
         else:

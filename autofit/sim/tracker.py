@@ -42,6 +42,7 @@ class Timeline:
     baseline: int  # bytes live before the first event
     adopted: int  # allocations 0 .. adopted-1 existed before recording (weights, buffers)
     ops: tuple[str, ...]  # the op that made each allocation ("" for adopted tensors)
+    raw_sizes: np.ndarray | None = None  # each allocation's bytes before rounding (None: not recorded)
 
     def live_curve(self) -> np.ndarray:
         """Live bytes after each event (int64)."""
@@ -68,6 +69,7 @@ class Tracker(TorchDispatchMode):
         self.live = 0
         self.peak = 0
         self._sizes: list[int] = []
+        self._raw: list[int] = []  # bytes before rounding: affine in the batch size where sizes are
         self._tags: list[int] = []
         self._ops: list[str] = []
         self._events: list[int] = []
@@ -110,7 +112,8 @@ class Tracker(TorchDispatchMode):
         key = storage._cdata
         if key in self._uid_of:
             return
-        nbytes = round_bytes(storage.nbytes())
+        raw = storage.nbytes()
+        nbytes = round_bytes(raw)
         if event and self.budget is not None and self.live + nbytes > self.budget:
             raise torch.OutOfMemoryError(
                 f"budgeted device out of memory. Tried to allocate {nbytes} bytes with {self.live} of "
@@ -118,6 +121,7 @@ class Tracker(TorchDispatchMode):
             )
         uid = len(self._sizes)
         self._sizes.append(nbytes)
+        self._raw.append(raw)
         self._tags.append(self.tag)
         self._ops.append(op)
         self._uid_of[key] = uid
@@ -202,6 +206,7 @@ class Tracker(TorchDispatchMode):
             marks=tuple(self._marks),
             baseline=self._baseline,
             adopted=self._adopted,
+            raw_sizes=np.array(self._raw, dtype=np.int64),
         )
 
 
