@@ -37,7 +37,7 @@ NCCL_BUFFERS = 4 * 2 * 2 * 4 * MiB
 # assumption that bounds FSDP2's schedule (torch.distributed.fsdp's FSDPParamGroup): IN_FLIGHT_LAYERS unsharded
 # layers of parameters, plus one layer's unsharded gradients and reduce-scatter input where the layer trains.
 IN_FLIGHT_LAYERS = 2
-# -- communication ------------------------------------------------------------------------------------------------------
+# -- communication -------------------------------------------------------------------------------------------------
 # Per-direction link rates in GB/s. PCIe x16: 15.75 (3.0), 31.5 (4.0), 63.0 (5.0) (PCI-SIG: 8, 16, 32 GT/s per lane,
 # 128b/130b encoding). NVLink per direction is half the bidirectional figure of NVIDIA's datasheets: V100 SXM2 300
 # GB/s, A100 SXM4 600 GB/s, H100 SXM and H200 SXM 900 GB/s. GeForce cards talk over PCIe (NVLink bridges on the RTX
@@ -450,13 +450,14 @@ def plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, stra
     rank_batch, default_note = effective_batch, None
     if effective_batch is None:  # the single-card default, spread over the ranks
         effective_batch = -(-planner.DEFAULT_EFFECTIVE_BATCH // w.size) * w.size
-        default_note = (f"effective batch {effective_batch}: the default ({planner.DEFAULT_EFFECTIVE_BATCH}, a multiple "
-                        f"of {w.size} GPUs), {effective_batch // w.size} per GPU; pass effective_batch=N (a multiple of "
-                        f"{w.size}) to change it")
+        default_note = (f"effective batch {effective_batch}: the default ({planner.DEFAULT_EFFECTIVE_BATCH}, a "
+                        f"multiple of {w.size} GPUs), {effective_batch // w.size} per GPU; pass effective_batch=N "
+                        f"(a multiple of {w.size}) to change it")
     if isinstance(effective_batch, int) and not isinstance(effective_batch, bool):
         if effective_batch < w.size or effective_batch % w.size:
+            nearest = max(1, effective_batch // w.size) * w.size
             raise ConfigError(f"effective_batch {effective_batch} does not divide over {w.size} GPUs; pick a "
-                              f"multiple of {w.size} (e.g. effective_batch={max(1, effective_batch // w.size) * w.size})")
+                              f"multiple of {w.size} (e.g. effective_batch={nearest})")
         rank_batch = effective_batch // w.size
     reserved = kwargs.pop("reserved_by_others", None)
     if reserved is not None:  # what other processes hold, on every card of the world
@@ -582,7 +583,8 @@ def _plan_strategy(spec, w: World, strategy: str, rank_batch, margin, bucket_vie
               if strategy == "ddp" else
               "single-card step simulated; sharding and gathered layers by named components (analytic)")
     return WorldPlan(rank=rank_plan, world=w, strategy=strategy,
-                     effective_batch=rank_plan.effective_batch * w.size, rank_parts=parts, rank_need=sum(parts.values()),
+                     effective_batch=rank_plan.effective_batch * w.size, rank_parts=parts,
+                     rank_need=sum(parts.values()),
                      rank_budget=real_budget, memory_source=source, comm_bytes=comm, comm_seconds=exposed,
                      step_seconds=step, tokens_per_second=tokens / step, reasons=tuple(reasons),
                      gradient_as_bucket_view=bucket_view, host_load_bytes=host,
@@ -621,7 +623,8 @@ def _rank_reasons(reasons, virtual: gpus.GpuInfo, card: gpus.GpuInfo) -> list[st
     held = fmt_bytes(virtual.used_by_others_bytes)
     shifted = virtual.used_by_others_bytes != card.used_by_others_bytes
     # the rank plan's headroom is against the shifted budget; the world plan states the rank's own
-    return [r for r in reasons if not r.startswith("headroom ") and not (shifted and r.startswith(f"{held} of the card"))]
+    return [r for r in reasons
+            if not r.startswith("headroom ") and not (shifted and r.startswith(f"{held} of the card"))]
 
 
 def _rank_parts(spec, rank_plan, w: World, strategy: str, bucket_view: bool) -> dict[str, int]:
