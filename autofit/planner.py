@@ -405,7 +405,7 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
             if settled is not None and alt.batch_size >= min(USEFUL_BATCH, alt.effective):
                 theirs[chose] = (f"{_config_name(cand.cfg)} passed over: it settles at micro-batch {cand.batch_size} "
                                  f"(simulated exactly and checked against the run), below {useful}")
-                theirs[:] = [r for r in theirs if r != _SIXTEEN_BIT_TRADE or alt.cfg.precision.endswith("-true")]
+                theirs[:] = [r for r in theirs if r != _SIXTEEN_BIT_TRADE or _sixteen_bit(alt.cfg)]
                 reasons[:] = theirs
                 seen.extend(found)
                 cand, (estimate, run, expandable, need), switched = alt, settled, True
@@ -718,7 +718,7 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
                                f"{useful} or more{how}")
             else:
                 reasons.append(f"{name} chosen: it fits a micro-batch of {useful} or more{how}")
-            if base.method == "full" and base.precision.endswith("-true"):
+            if base.method == "full" and _sixteen_bit(base):
                 reasons.append(_SIXTEEN_BIT_TRADE)
             return best
     if lever is not None:
@@ -729,7 +729,7 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
     if method_asked == "auto":
         reasons.append(f"{_config_name(best.cfg)} chosen: no method fits a micro-batch of "
                        f"{min(USEFUL_BATCH, best.effective)}; this one is fastest")
-    if best.cfg.method == "full" and best.cfg.precision.endswith("-true"):
+    if best.cfg.method == "full" and _sixteen_bit(best.cfg):
         reasons.append(_SIXTEEN_BIT_TRADE)
     return best
 
@@ -770,7 +770,7 @@ def _cannot_beat(spec, cfg: StepConfig, card, seq, target_batch, checkpointing: 
 def _chosen_lever(cand: _Candidate, reasons: list[str]) -> _Candidate:
     reasons.append(f"{_config_name(cand.cfg)} chosen: plain AdamW leaves no micro-batch of "
                    f"{min(USEFUL_BATCH, cand.effective)}; of the optimizer levers allowed, this one is fastest")
-    if cand.cfg.precision.endswith("-true"):
+    if _sixteen_bit(cand.cfg):
         reasons.append(_SIXTEEN_BIT_TRADE)
     return cand
 
@@ -825,12 +825,17 @@ def _config_name(cfg: StepConfig) -> str:
     name = _method_name(cfg.method)
     if offload.is_lever(cfg):
         return f"{name} in {cfg.precision} with {cfg.optimizer}"
-    return f"{name} in {cfg.precision}" if cfg.method == "full" and cfg.precision.endswith("-true") else name
+    return f"{name} in {cfg.precision}" if cfg.method == "full" and _sixteen_bit(cfg) else name
 
 
 # The quality cost of training 16-bit weights, stated wherever a plan chooses it. bf16 keeps 8 bits of mantissa, so
 # an update smaller than about 2^-9 of a weight rounds away (no fp32 master copy keeps it); Micikevicius et al. 2018
 # ("Mixed Precision Training", section 3.1, "FP32 master copy of weights") show the same effect for fp16 weights.
+def _sixteen_bit(cfg: StepConfig) -> bool:
+    """16-bit weights without an fp32 master copy (bf16-true, 16-true); 32-true is not."""
+    return cfg.precision in ("bf16-true", "16-true")
+
+
 _SIXTEEN_BIT_TRADE = ("16-bit weights trade quality for memory: without an fp32 master copy, updates smaller than "
                       "about 1/512 of a weight round away (a small learning rate can stall); bf16-mixed keeps fp32 "
                       "weights at twice the memory for weights, gradients and optimizer state")

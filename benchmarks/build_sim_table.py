@@ -69,6 +69,7 @@ def main(argv=None) -> int:
         if old.is_dir():
             shutil.rmtree(old)
     size = table.pack(made, target) + table.write_answers(target, answers)
+    table.write_made_with(target)
     shutil.rmtree(scratch, ignore_errors=True)
     print(f"# {len(made)} simulations and {len(answers)} allocator replay answers, {size / 2**20:.2f} MiB in "
           f"{target} ({time.perf_counter() - started:.0f} s)")

@@ -322,6 +322,7 @@ def test_without_a_gpu_plan_uses_the_cpu_and_says_so(monkeypatch):
     assert p.reasons[0].startswith("effective batch 16: the default; on a CPU a larger micro-batch runs no faster")
     text = str(p)
     assert "RAM budget" in text and "nvidia-smi" not in text and "CUDA context" not in text
+    assert planner._SIXTEEN_BIT_TRADE not in p.reasons  # fp32 weights: nothing rounds away
 
 
 def test_largest_batch_is_exact(grid):

@@ -30,22 +30,48 @@ def enabled() -> bool:
     return os.environ.get("AUTOFIT_TABLE", "on").lower() not in ("off", "0", "no", "false")
 
 
-@functools.lru_cache(maxsize=1)
-def key() -> str:
-    """The table key of this installation: library versions and the engine's source (this reader left out)."""
+def versions() -> str:
+    """The library versions a simulation depends on."""
     import peft
     import torch
     import transformers
 
     from autofit import __version__
 
-    digest = hashlib.sha1(f"{__version__} {torch.__version__} {transformers.__version__} {peft.__version__}".encode())
+    return f"{__version__} {torch.__version__} {transformers.__version__} {peft.__version__}"
+
+
+@functools.lru_cache(maxsize=1)
+def engine() -> str:
+    """A digest of the simulation engine's source (``autofit/sim/*.py``, this reader left out)."""
+    digest = hashlib.sha1()
     for path in sorted(Path(__file__).resolve().parent.glob("*.py")):
         if path.name == Path(__file__).name:
             continue
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+@functools.lru_cache(maxsize=1)
+def key() -> str:
+    """The table key of this installation: library versions and the engine's source (this reader left out)."""
+    return hashlib.sha1(f"{versions()} {engine()}".encode()).hexdigest()[:16]
+
+
+def made_with(target: Path) -> dict | None:
+    """What the table in ``target`` was made with ({"versions", "engine"}), or None where it does not say."""
+    import json
+
+    here = target / "made_with.json"
+    return json.loads(here.read_text()) if here.is_file() else None
+
+
+def write_made_with(target: Path) -> None:
+    import json
+
+    target.mkdir(parents=True, exist_ok=True)
+    (target / "made_with.json").write_text(json.dumps({"versions": versions(), "engine": engine()}) + "\n")
 
 
 def folder() -> Path:
