@@ -35,6 +35,18 @@ def test_real_and_fake_steps_peak_at_the_same_byte(family, method, checkpointing
     assert real.step_peaks == fake.step_peaks
 
 
+@pytest.mark.parametrize("quantization", ["4bit", "8bit"])
+def test_a_quantized_t5_keeps_its_fp32_feed_forward_output_and_steps_real_as_fake(quantization):
+    spec = model.resolve(tiny_t5(), target_len=16)
+    cfg = StepConfig(method="qlora", quantization=quantization, precision="bf16", device="cpu")
+    real = simulate.run(spec, cfg, batch_size=2, seq_len=32, fake=False)
+    fake = simulate.run(spec, cfg, batch_size=2, seq_len=32, fake=True)
+    assert real.peak() == fake.peak()
+    net = simulate.build_model(spec, cfg, 2)
+    wo = [m for n, m in net.named_modules() if n.endswith("DenseReluDense.wo")]
+    assert wo and all(type(m).__name__ == "Linear" for m in wo)  # transformers leaves _keep_in_fp32_modules out
+
+
 def test_the_target_length_is_the_decoders():
     short, long = (simulate.run(model.resolve(tiny_t5(), target_len=n), StepConfig(device="cpu"), batch_size=2,
                                 seq_len=32) for n in (8, 64))

@@ -139,11 +139,14 @@ def _quantizable_linears(model: nn.Module):
     # module out of the conversion, and peft trains the head in full (modules_to_save), which a quantized one cannot
     task_heads = {id(m) for name in ("classifier", "score") if isinstance(getattr(model, name, None), nn.Module)
                   for m in getattr(model, name).modules()}
+    # and so do the modules a model keeps in fp32 (T5's feed-forward output "wo"), which transformers leaves out
+    # of the conversion (HfQuantizer.get_modules_to_not_convert)
+    keep = set(getattr(model, "_keep_in_fp32_modules", None) or ())
     found = []
     for parent in list(model.modules()):
         for name, child in parent.named_children():
             shape = _linear_shape(child)
-            if shape is not None and child is not head and id(child) not in task_heads:
+            if shape is not None and child is not head and id(child) not in task_heads and name not in keep:
                 found.append((parent, name, child, shape))
     return found
 
