@@ -74,19 +74,16 @@ def is_lever(cfg: StepConfig) -> bool:
 
 
 # -- the state's layout ---------------------------------------------------------------------------------------------
-_SIZES: dict[str, tuple[int, ...]] = {}
+_SIZES: dict[tuple[str, str], tuple[int, ...]] = {}
 
 
 def _trainable_sizes(spec: arch.ModelSpec) -> tuple[int, ...]:
     """Values in each trainable parameter of full fine-tuning, tied weights once (the model built on ``meta``)."""
-    from transformers import AutoModelForCausalLM
-
     if spec.module is not None:
         return tuple(p.numel() for p in {id(p): p for p in spec.module.parameters()}.values())
-    key = spec.fingerprint
+    key = (spec.fingerprint, spec.task)
     if key not in _SIZES:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(spec.config)
+        model = arch.build(spec.config, task=spec.task)  # on meta, with the task's head
         _SIZES[key] = tuple(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     return _SIZES[key]
 

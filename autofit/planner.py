@@ -385,8 +385,10 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
                 _switch_reason(theirs, cand, rival)
                 reasons[:] = theirs
                 cand, (estimate, run, expandable, need) = rival, settled
+    # (a method useful only with checkpointing, trained faster without it, keeps its smaller micro-batch by design)
     chose = next((i for i, r in enumerate(reasons[:mark]) if r.startswith(f"{_config_name(cand.cfg)} chosen: ")
-                  and ("fits a micro-batch of" in r and "no method fits" not in r)), None)
+                  and "fits a micro-batch of" in r and "no method fits" not in r
+                  and "the faster setting without it is used" not in r), None)
     useful = min(USEFUL_BATCH, cand.effective)
     if chose is not None and cand.batch_size < useful and not want_max:
         # chosen as the strongest method that fits a useful micro-batch, which it no longer does once settled: the

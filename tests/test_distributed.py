@@ -386,9 +386,9 @@ def _accelerate_reads(text: str, tmp_path):
 
 
 def test_fsdp_plan_shards_what_one_card_cannot_hold(tmp_path):
-    # distilgpt2's fp32 weights, gradients and AdamW state (1.2 GiB) with a replica's buckets do not fit a 2 GiB
+    # distilgpt2's fp32 weights, gradients and AdamW state (1.2 GiB) with a replica's buckets do not fit a 2.25 GiB
     # card; halved by FSDP2 they do
-    p = d.plan("distilgpt2", "2x 2GiB", method="full", precision="bf16-mixed", seq_len=128, effective_batch=8)
+    p = d.plan("distilgpt2", "2x 2.25GiB", method="full", precision="bf16-mixed", seq_len=128, effective_batch=8)
     assert p.strategy == "fsdp" and p.precision == "bf16-mixed"
     assert p.batch_size * p.grad_accum * 2 == 8
     assert p.rank_need == sum(p.rank_parts.values()) <= p.rank_budget

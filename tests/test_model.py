@@ -119,7 +119,7 @@ def test_sequence_beyond_positions():
     spec.check_seq_len(128)
     with pytest.raises(ConfigError) as err:
         spec.check_seq_len(129)
-    assert "--seq-len 128" in str(err.value)
+    assert "use a sequence length of 128 or less (seq_len, --seq-len)" in str(err.value)
 
 
 def test_depth_formula_is_exact_for_every_catalog_model():
