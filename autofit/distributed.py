@@ -431,6 +431,24 @@ def plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, stra
     """The fastest plan for ``model`` on one card or several (see ``world`` for what ``gpu``/``gpus_count`` take):
     ``autofit.plan``. One card (no count, one spec): ``planner.plan``'s ``Plan``, with ``kwargs`` passed on.
 
+    In a script started on several ranks (``torchrun``, ``accelerate launch``: an initialised process group, or the
+    launcher's ``WORLD_SIZE`` above 1) the world is the launcher's ranks: rank 0 plans, every rank gets its plan (see
+    ``plan_on_every_rank``).
+    """
+    launch = launched()
+    if launch is not None:
+        return plan_on_every_rank(launch, model, gpu, gpus_count=gpus_count, nodes=nodes, strategy=strategy,
+                                  effective_batch=effective_batch, margin=margin,
+                                  gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+    return _plan(model, gpu, gpus_count=gpus_count, nodes=nodes, strategy=strategy, effective_batch=effective_batch,
+                 margin=margin, gradient_as_bucket_view=gradient_as_bucket_view, **kwargs)
+
+
+def _plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, strategy: str = "auto",
+          effective_batch: int | str | None = None, margin: float | None = None,
+          gradient_as_bucket_view: bool = False, **kwargs):
+    """``plan`` in this process alone; see ``plan``.
+
     ``strategy``: "ddp", "fsdp" or "auto" (the stronger training setup, full fine-tuning with fp32 master weights
     first, then the faster). ``effective_batch``: the world's, kept exactly (it must divide by the world size); None
     is the single-card default (16) rounded up to a multiple of the world size; "max" gives each rank the largest
@@ -710,3 +728,193 @@ def trial_on_every_rank(step) -> bool:
 
     gc.collect()
     return agree(oom)
+
+
+# -- a script of the user's own, started on every rank ---------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True, slots=True)
+class Launch:
+    """The ranks this process is one of: ``world_size`` of them, ``local_world_size`` on each machine."""
+
+    world_size: int
+    rank: int
+    local_rank: int
+    local_world_size: int
+
+    @property
+    def nodes(self) -> int:
+        return max(1, self.world_size // self.local_world_size)
+
+
+def _env_int(name: str, default: int | None = None) -> int | None:
+    import os
+
+    text = os.environ.get(name)
+    if text is None or not text.strip():
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"the launcher's {name}={text!r} is not a whole number; start the script with torchrun or "
+                          "accelerate launch, or unset it") from None
+    if value < 0:
+        raise ConfigError(f"the launcher's {name}={value} is negative; start the script with torchrun or accelerate "
+                          "launch, or unset it")
+    return value
+
+
+def launched() -> Launch | None:
+    """The ranks of this run when there are several: from the initialised process group, else from the variables
+    ``torchrun`` and ``accelerate launch`` set (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK``, ``LOCAL_WORLD_SIZE``). None
+    for a single process. Raises ``ConfigError`` for unreadable variables."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        size, rank = dist.get_world_size(), dist.get_rank()
+    else:
+        size = _env_int("WORLD_SIZE", 1)
+        if size <= 1:
+            return None
+        rank = _env_int("RANK")
+        if rank is None:
+            raise ConfigError(f"WORLD_SIZE={size} but RANK is not set; start the script with torchrun or accelerate "
+                              "launch, which set both")
+    if size <= 1:
+        return None
+    if rank >= size:
+        raise ConfigError(f"RANK={rank} is not below WORLD_SIZE={size}; start the script with torchrun or accelerate "
+                          "launch")
+    local_size = _env_int("LOCAL_WORLD_SIZE", size)
+    if not 1 <= local_size <= size or size % local_size:
+        raise ConfigError(f"LOCAL_WORLD_SIZE={local_size} does not divide WORLD_SIZE={size} into machines of equal "
+                          "ranks; start the script with torchrun or accelerate launch")
+    local_rank = _env_int("LOCAL_RANK", rank % local_size)
+    return Launch(world_size=size, rank=rank, local_rank=local_rank, local_world_size=local_size)
+
+
+def _join_group(launch: Launch) -> None:
+    """Initialises the default process group from the launcher's variables where the script has not yet (NCCL where
+    CUDA is here, else gloo); accelerate and the Trainer use a group that is already initialised."""
+    import os
+
+    import torch
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        return
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(v)]
+    if missing:
+        raise ConfigError(f"WORLD_SIZE={launch.world_size} but {' and '.join(missing)} not set; start the script with "
+                          "torchrun or accelerate launch, or call torch.distributed.init_process_group() first")
+    backend = "gloo"
+    if torch.cuda.is_available():
+        backend = "nccl"
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size)
+
+
+def _launched_world(launch: Launch, gpu, gpus_count, nodes) -> World:
+    """The world of the launcher's ranks: the cards ``gpu`` names (as many as there are ranks), or one card of the
+    kind ``gpu`` names per rank, or (``gpu`` None) each rank's own card, gathered from every rank. Every rank calls
+    it; errors are raised on every rank alike."""
+    import torch
+    import torch.distributed as dist
+
+    if nodes != 1 and nodes != launch.nodes:
+        raise ConfigError(f"nodes={nodes} but the launcher started {launch.nodes} machine(s) of "
+                          f"{launch.local_world_size} ranks; leave nodes out in a launched script")
+    if several(gpu, gpus_count):
+        w = world(gpu, gpus_count, nodes=launch.nodes if nodes == 1 else nodes)
+        if w.size != launch.world_size:
+            raise ConfigError(f"the launcher started {launch.world_size} ranks but {w.size} cards are named; name "
+                              f"one card per rank, or one kind (gpu='rtx3080-20gb') for all of them")
+        return w
+    if gpu is not None:
+        card = gpus.resolve(gpu)
+        if card.source == "host":
+            raise GpuError("the CPU is not a card of a multi-GPU world; name the kind of GPU every rank has "
+                           "(e.g. gpu='rtx3080-20gb')")
+        return World(cards=(card,) * launch.world_size, nodes=launch.nodes)
+    # each rank's own card: the one its LOCAL_RANK names (or the only one it sees)
+    try:
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if not count:
+            raise GpuError("no CUDA GPU detected on this rank; name the kind of GPU every rank has "
+                           "(e.g. gpu='rtx3080-20gb')")
+        mine: object = gpus.resolve(launch.local_rank if count > 1 else 0)
+    except GpuError as err:
+        mine = str(err)
+    everyone: list = [None] * launch.world_size
+    dist.all_gather_object(everyone, mine)
+    failed = [(r, m) for r, m in enumerate(everyone) if isinstance(m, str)]
+    if failed:
+        rank, message = failed[0]
+        raise GpuError(f"rank {rank}: {message}")
+    return World(cards=tuple(everyone), nodes=launch.nodes)
+
+
+def plan_to_text(p) -> str:
+    """``p`` (a ``Plan`` or a ``WorldPlan``) as JSON text, what ``plan_from_text`` reads back equal."""
+    import json
+    from dataclasses import asdict, fields
+
+    if not isinstance(p, WorldPlan):
+        return json.dumps({"plan": json.loads(p.to_json())})
+    data = {f.name: getattr(p, f.name) for f in fields(WorldPlan) if f.name not in ("rank", "world")}
+    data["reasons"] = list(p.reasons)
+    data["world"] = {"cards": [asdict(c) for c in p.world.cards], "nodes": p.world.nodes}
+    data["rank"] = json.loads(p.rank.to_json())
+    return json.dumps({"world_plan": data})
+
+
+def plan_from_text(text: str):
+    """The ``Plan`` or ``WorldPlan`` that ``plan_to_text`` wrote."""
+    import json
+
+    from autofit.plans import Plan
+
+    data = json.loads(text)
+    if "plan" in data:
+        return Plan.from_dict(data["plan"])
+    data = dict(data["world_plan"])
+    cards = []
+    for c in data["world"]["cards"]:
+        c = dict(c)
+        if isinstance(c.get("compute_capability"), list):
+            c["compute_capability"] = tuple(c["compute_capability"])
+        cards.append(gpus.GpuInfo(**c))
+    data["world"] = World(cards=tuple(cards), nodes=data["world"]["nodes"])
+    data["rank"] = Plan.from_dict(data["rank"])
+    data["reasons"] = tuple(data["reasons"])
+    return WorldPlan(**data)
+
+
+def plan_on_every_rank(launch: Launch, model, gpu=None, **kwargs):
+    """``plan`` in a script running on every rank: every rank calls it at the same point. The world is the launcher's
+    (``_launched_world``); rank 0 alone plans and broadcasts the plan as JSON (``broadcast_object_list``), so every
+    rank trains the same micro-batch and accumulation even where the cards' free memory differs a little. An error
+    planning on rank 0 is raised on every rank, with its message. Joins the default process group first where the
+    script has not (``_join_group``)."""
+    import torch.distributed as dist
+
+    from autofit import errors
+
+    _join_group(launch)
+    w = _launched_world(launch, gpu, kwargs.pop("gpus_count", None), kwargs.pop("nodes", 1))
+    payload: list = [None]
+    failure = None
+    if dist.get_rank() == 0:
+        try:
+            payload[0] = {"plan": plan_to_text(_plan(model, w, **kwargs))}
+        except BaseException as err:  # the other ranks raise it too; rank 0 raises its own, unchanged
+            known = isinstance(err, errors.AutofitError)
+            payload[0] = {"error": type(err).__name__ if known else "AutofitError",
+                          "message": str(err) if known else f"planning failed on rank 0 ({type(err).__name__})"}
+            failure = err
+    dist.broadcast_object_list(payload, src=0)
+    if failure is not None:
+        raise failure
+    answer = payload[0]
+    if "error" in answer:
+        cls = getattr(errors, answer["error"], errors.AutofitError)
+        raise cls(answer["message"])
+    return plan_from_text(answer["plan"])

@@ -1,0 +1,133 @@
+"""A script started on several ranks (torchrun, accelerate launch): one plan for every rank, decided on rank 0; probes
+whose trials every rank runs and agrees on. Two gloo processes on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from autofit import distributed as d
+from autofit import gpu as gpus
+from autofit.errors import ConfigError
+from tests.conftest import tiny_llama
+
+PLAN_ARGS = dict(seq_len=32, effective_batch=4, method="full", strategy="ddp")
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _count_calls(module, name: str, counts: dict) -> None:
+    original = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        counts[name] = counts.get(name, 0) + 1
+        return original(*args, **kwargs)
+
+    setattr(module, name, counted)
+
+
+def _rank_main(rank: int, port: int, out: str, job: dict) -> None:
+    from autofit import planner
+    from autofit.sim import simulate
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), AUTOFIT_CACHE="off", AUTOFIT_WORKERS="1")
+    counts: dict = {}
+    _count_calls(planner, "plan", counts)
+    _count_calls(simulate, "run_many", counts)
+    result: dict = {}
+    if job["kind"] == "launcher":  # as torchrun starts a script: the variables only, no process group yet
+        os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        p = d.plan(tiny_llama(), job["gpu"], **PLAN_ARGS)
+        result.update(plan=d.plan_to_text(p), world=[c.name for c in p.world.cards], size=p.world_size,
+                      initialised=dist.is_initialized())
+    else:  # the script initialised the group itself; a bad request fails on rank 0 and is raised on both
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        try:
+            d.plan(tiny_llama(), job["gpu"], **dict(PLAN_ARGS, effective_batch=3))
+        except ConfigError as err:
+            result.update(error=str(err))
+    result["counts"] = counts
+    with open(f"{out}.{rank}", "w") as f:
+        json.dump(result, f)
+    dist.barrier()  # neither rank tears the group down while the other still talks to it
+    dist.destroy_process_group()
+
+
+def _two_ranks(tmp_path, **job) -> list[dict]:
+    out = str(tmp_path / "rank")
+    mp.spawn(_rank_main, args=(_port(), out, job), nprocs=2, join=True)
+    return [json.load(open(f"{out}.{r}")) for r in range(2)]
+
+
+def test_a_launched_script_gets_rank_zeros_plan_on_every_rank(tmp_path):
+    ranks = _two_ranks(tmp_path, kind="launcher", gpu="rtx3080-20gb")
+    assert ranks[0]["plan"] == ranks[1]["plan"]
+    assert [r["size"] for r in ranks] == [2, 2]  # the launcher's world: one card of the kind named per rank
+    assert ranks[0]["world"] == ranks[1]["world"] == [gpus.resolve("rtx3080-20gb").name] * 2
+    assert [r["initialised"] for r in ranks] == [True, True]
+    assert ranks[0]["counts"]["plan"] >= 1 and ranks[0]["counts"]["run_many"] >= 1  # rank 0 planned and simulated
+    assert ranks[1]["counts"] == {}  # rank 1 neither planned nor simulated
+    p = d.plan_from_text(ranks[1]["plan"])
+    assert isinstance(p, d.WorldPlan) and p.strategy == "ddp"
+    assert p.batch_size * p.grad_accum * 2 == p.effective_batch == 4
+    # the same request in one process plans the same world
+    alone = d.plan(tiny_llama(), "2x rtx3080-20gb", **PLAN_ARGS)
+    assert (alone.batch_size, alone.grad_accum, alone.rank_need) == (p.batch_size, p.grad_accum, p.rank_need)
+
+
+def test_an_error_planning_on_rank_zero_is_raised_on_every_rank(tmp_path):
+    ranks = _two_ranks(tmp_path, kind="error", gpu="rtx3080-20gb")
+    assert ranks[0]["error"] == ranks[1]["error"]
+    assert "does not divide over 2 GPUs" in ranks[1]["error"]
+    assert ranks[1]["counts"] == {}
+
+
+def test_plan_text_round_trips():
+    p = d.plan(tiny_llama(), "2x rtx3080-20gb", **PLAN_ARGS)
+    assert d.plan_from_text(d.plan_to_text(p)) == p
+    single = d.plan(tiny_llama(), "rtx3080-20gb", seq_len=32, effective_batch=4, method="full")
+    assert d.plan_from_text(d.plan_to_text(single)) == single
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"WORLD_SIZE": "2"}, "RANK is not set"),
+    ({"WORLD_SIZE": "two", "RANK": "0"}, "not a whole number"),
+    ({"WORLD_SIZE": "2", "RANK": "2"}, "not below WORLD_SIZE"),
+    ({"WORLD_SIZE": "4", "RANK": "0", "LOCAL_WORLD_SIZE": "3"}, "does not divide"),
+])
+def test_bad_launcher_variables_say_what_to_do(monkeypatch, env, message):
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ConfigError, match=message):
+        d.launched()
+
+
+def test_one_process_is_not_a_launch(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert d.launched() is None
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    assert d.launched() is None
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    monkeypatch.setenv("RANK", "3")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    assert d.launched() == d.Launch(world_size=4, rank=3, local_rank=1, local_world_size=2)
+    assert d.launched().nodes == 2
+
+
+def test_a_launched_script_without_a_rendezvous_says_what_to_do(monkeypatch):
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT not set"):
+        d.plan(tiny_llama(), "rtx3080-20gb", **PLAN_ARGS)
