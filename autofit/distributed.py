@@ -709,6 +709,23 @@ def agree(flag: bool) -> bool:
     return bool(value.item())
 
 
+RAN, OUT_OF_MEMORY, FAILED = 0, 1, 2  # what a rank's step did, worst last: ``agree_level`` keeps the worst
+
+
+def agree_level(level: int) -> int:
+    """The largest ``level`` over the ranks (``RAN``, ``OUT_OF_MEMORY`` or ``FAILED``) on every rank, through an
+    all-reduce (MAX) when a process group is running, else ``level``. A collective, as ``agree``."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return level
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    value = torch.tensor([level], dtype=torch.int32, device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return int(value.item())
+
+
 def trial_on_every_rank(step) -> bool:
     """Runs ``step()`` on this rank and returns whether it ran out of memory on any rank, the same answer on all of
     them, so that every rank moves on (retries smaller, or goes on) together. Errors other than out-of-memory are

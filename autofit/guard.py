@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 
 from autofit import validate
-from autofit.errors import DoesNotFitError
+from autofit.errors import AutofitError, ConfigError, DoesNotFitError
 from autofit.probing import is_oom
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,11 @@ class Guard:
         self._step = trainer.training_step  # the original, bound
 
     def training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+        if _world_size() > 1:
+            return self._training_step_ranks(model, inputs, num_items_in_batch, *args, **kwargs)
+        return self._training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+
+    def _training_step(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
         self.window.append((inputs, num_items_in_batch))
         try:
             return self._run(model, inputs, num_items_in_batch, args, kwargs)
@@ -110,6 +115,94 @@ class Guard:
 
     def window_done(self) -> None:
         self.window.clear()
+
+    # -- several ranks ----------------------------------------------------------------------------------------------
+    def _training_step_ranks(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
+        """One micro-batch on every rank of a process group. Each forward and backward (each piece) is followed by a
+        collective on an out-of-memory flag (``distributed.agree_level``), so a rank that runs out of memory is
+        known to all of them at the same point, and every rank drops the window and halves together; the halving
+        itself is the single-process guard's. Under DDP the gradients are kept local (``no_sync``) while pieces may
+        still fail, and averaged over the ranks once the window's last micro-batch ran on all of them: a bucket
+        all-reduce inside one rank's backward would otherwise wait for a rank that has stopped."""
+        if not getattr(self, "_agreeing", False):
+            self._step = _agreed(self._step)
+            self._agreeing = True
+        _check_wrapper(model)
+        ddp = isinstance(model, torch.nn.parallel.DistributedDataParallel)
+        if not ddp:
+            return self._training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+        sync = model.require_backward_grad_sync  # False inside the Trainer's no_sync: not the window's last
+        if model.will_sync_module_buffers():
+            # DDP broadcasts the buffers in the window's first forward; done here, before anything can fail, so that
+            # a rank that stops early never leaves the others in that broadcast
+            _broadcast_buffers(model)
+            model.require_forward_param_sync = False
+        with model.no_sync():
+            loss = self._training_step(model, inputs, num_items_in_batch, *args, **kwargs)
+        if sync:
+            _average_gradients(model)
+            model.require_forward_param_sync = True  # the next window's first forward syncs buffers again
+        return loss
+
+
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _agreed(step):
+    """``step`` followed by a collective on whether it ran out of memory on any rank: it raises
+    ``torch.OutOfMemoryError`` on every rank when it did on one; another error stops every rank."""
+    from autofit import distributed
+
+    def run(*args, **kwargs):
+        state, loss = distributed.RAN, None
+        try:
+            loss = step(*args, **kwargs)
+        except BaseException as err:  # noqa: BLE001 - re-raised unless it is running out of memory
+            if not is_oom(err):
+                distributed.agree_level(distributed.FAILED)
+                raise
+            traceback.clear_frames(err.__traceback__)
+            del err
+            state = distributed.OUT_OF_MEMORY
+        agreed = distributed.agree_level(state)
+        if agreed == distributed.FAILED:
+            raise AutofitError("another rank stopped with an error in its training step; its output says which")
+        if agreed == distributed.OUT_OF_MEMORY:
+            raise torch.OutOfMemoryError("out of memory on " + ("this rank" if state else "another rank"))
+        return loss
+
+    return run
+
+
+def _check_wrapper(model) -> None:
+    """FSDP gathers parameters inside forward and backward, collectives a rank that ran out of memory never joins:
+    the guard cannot bring the ranks back together there."""
+    if any(type(m).__name__ in ("FullyShardedDataParallel",) or hasattr(m, "set_requires_gradient_sync")
+           for m in (model, getattr(model, "module", None)) if m is not None):
+        raise ConfigError("the guard across ranks runs DDP (or an unwrapped model), not FSDP, whose gathers inside "
+                          "the step would wait for a rank that ran out of memory; train with DDP or without guard()")
+
+
+def _broadcast_buffers(model) -> None:
+    """What DDP does before a window's first forward: the module's buffers broadcast from rank 0."""
+    import torch.distributed as dist
+
+    for buffer in model.modules_buffers:
+        dist.broadcast(buffer, src=0)
+
+
+def _average_gradients(model) -> None:
+    """What DDP's reducer does at the end of a window: every gradient averaged over the ranks."""
+    import torch.distributed as dist
+
+    size = dist.get_world_size()
+    for p in model.parameters():
+        if p.requires_grad and p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(size)
 
 
 def _batch_size(inputs: dict) -> int:

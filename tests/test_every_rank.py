@@ -14,6 +14,7 @@ import torch.multiprocessing as mp
 from autofit import distributed as d
 from autofit import gpu as gpus
 from autofit.errors import ConfigError
+from autofit.sim.tracker import Tracker
 from tests.conftest import tiny_llama
 
 PLAN_ARGS = dict(seq_len=32, effective_batch=4, method="full", strategy="ddp")
@@ -49,17 +50,64 @@ def _rank_main(rank: int, port: int, out: str, job: dict) -> None:
         p = d.plan(tiny_llama(), job["gpu"], **PLAN_ARGS)
         result.update(plan=d.plan_to_text(p), world=[c.name for c in p.world.cards], size=p.world_size,
                       initialised=dist.is_initialized())
-    else:  # the script initialised the group itself; a bad request fails on rank 0 and is raised on both
+    elif job["kind"] == "error":  # the script initialised the group itself; a bad request fails on rank 0, raised on both
         dist.init_process_group("gloo", rank=rank, world_size=2)
         try:
             d.plan(tiny_llama(), job["gpu"], **dict(PLAN_ARGS, effective_batch=3))
         except ConfigError as err:
             result.update(error=str(err))
+    elif job["kind"] == "guard":
+        os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        result.update(_guard_on_rank(rank, job["tmp"]))
     result["counts"] = counts
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
     dist.barrier()  # neither rank tears the group down while the other still talks to it
     dist.destroy_process_group()
+
+
+def _guard_on_rank(rank: int, tmp: str) -> dict:
+    """The single-process guard test's runs on each of two DDP ranks; only rank 1's budget is too small for a
+    micro-batch of 8."""
+    import torch
+
+    from autofit import data
+    from autofit.guard import guard
+    from tests.test_guard import TEXTS, make_trainer, peak
+
+    tok = data.build_tokenizer(TEXTS, vocab_size=300)
+    roomy = make_trainer(tok, f"{tmp}/a{rank}", 8, accumulation=2)
+    full_peak = peak(roomy)
+    half_peak = peak(make_trainer(tok, f"{tmp}/b{rank}", 4, accumulation=2))
+    guarded = make_trainer(tok, f"{tmp}/c{rank}", 8, accumulation=2)
+    state = guard(guarded)
+    with Tracker(budget=(half_peak + full_peak) // 2 if rank == 1 else None) as tracker:
+        steps = guarded.train().global_step
+    weights = [p.detach() for p in guarded.model.parameters()]
+    mine = torch.cat([w.flatten() for w in weights])
+    theirs = mine.clone()
+    dist.broadcast(theirs, src=0)
+    # an error other than running out of memory on rank 1: it is raised there unchanged, and rank 0 stops too
+    broken = make_trainer(tok, f"{tmp}/d{rank}", 2, steps=1)
+    if rank == 1:
+        def bug(model, inputs, num_items_in_batch=None):
+            raise ValueError("a bug in the user's step")
+
+        broken.training_step = bug
+    guard(broken)
+    try:
+        broken.train()
+        stopped = None
+    except Exception as err:  # noqa: BLE001 - what each rank stopped with is the result
+        stopped = f"{type(err).__name__}: {err}"
+    return dict(stopped=stopped, full_peak=full_peak, half_peak=half_peak, guarded_peak=tracker.peak, steps=steps,
+                roomy_steps=roomy.state.global_step, ddp=type(guarded.model_wrapped).__name__,
+                events=[(e.micro_batch_before, e.micro_batch_after, e.pieces, e.global_step) for e in state.events],
+                same_as_unguarded=all(torch.allclose(a, b, atol=1e-6)
+                                      for a, b in zip(weights, roomy.model.parameters())),
+                same_as_rank0=bool(torch.equal(mine, theirs)),
+                batch=guarded.args.per_device_train_batch_size * guarded.args.gradient_accumulation_steps)
 
 
 def _two_ranks(tmp_path, **job) -> list[dict]:
@@ -131,3 +179,17 @@ def test_a_launched_script_without_a_rendezvous_says_what_to_do(monkeypatch):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(ConfigError, match="MASTER_ADDR and MASTER_PORT not set"):
         d.plan(tiny_llama(), "rtx3080-20gb", **PLAN_ARGS)
+
+
+def test_the_guard_halves_every_rank_when_one_runs_out_of_memory(tmp_path):
+    ranks = _two_ranks(tmp_path, kind="guard", tmp=str(tmp_path))
+    for r in ranks:
+        assert r["ddp"] == "DistributedDataParallel"
+        assert r["half_peak"] < r["full_peak"]
+        assert r["steps"] == r["roomy_steps"] == 3  # no optimizer step lost or repeated
+        assert r["events"] == [[8, 4, 2, 0]]  # both halved at the first step, rank 0 with memory to spare
+        assert r["same_as_unguarded"] and r["same_as_rank0"]  # the same samples reached the same steps
+        assert r["batch"] == 16
+    assert ranks[1]["guarded_peak"] <= (ranks[1]["half_peak"] + ranks[1]["full_peak"]) // 2
+    assert ranks[1]["stopped"] == "ValueError: a bug in the user's step"
+    assert ranks[0]["stopped"].startswith("AutofitError: another rank stopped with an error")
