@@ -726,6 +726,20 @@ def agree_level(level: int) -> int:
     return int(value.item())
 
 
+def agree_max(values: list[float]) -> list[float]:
+    """Each of ``values`` as its largest over the ranks (float64), through one all-reduce (MAX) when a process group
+    is running, else ``values``. A collective, as ``agree``."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return list(values)
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return tensor.tolist()
+
+
 def trial_on_every_rank(step) -> bool:
     """Runs ``step()`` on this rank and returns whether it ran out of memory on any rank, the same answer on all of
     them, so that every rank moves on (retries smaller, or goes on) together. Errors other than out-of-memory are

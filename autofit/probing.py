@@ -317,6 +317,11 @@ class _Prober:
         self.limit = _allocator_limit(plan, device)
         self._fast: dict[StepConfig, memory.StepModel] = {}
         self._measured: dict[tuple[StepConfig, int], int] = {}  # (config, batch) -> measured peak reserved
+        self.ranks = _world_size() > 1
+        if self.ranks:  # every rank takes the same decisions: the tightest rank's limit, the store on rank 0 only
+            self.limit = _on_every_rank_limit(self.limit)
+            if not _rank_zero():
+                self.store = None
 
     def _key(self, cfg: StepConfig) -> calibration.Key:
         return calibration.Key.of(self.spec, self.plan.gpu.name, cfg)
@@ -346,10 +351,15 @@ class _Prober:
                           f"{'on' if cfg.gradient_checkpointing else 'off'})")
         kwargs = dict(batch_size=b, seq_len=self.plan.seq_len, eval_batch_size=self.plan.eval_batch_size,
                       number=number, predicted=self.exact(cfg, b))
-        if self.isolate:
-            result = run_trial_isolated(self.spec, cfg, self.device, **kwargs)
-        else:
-            result = run_trial(self.spec, cfg, self.device, **kwargs)
+        isolated = self.isolate
+
+        def run() -> Trial:
+            if isolated:
+                return run_trial_isolated(self.spec, cfg, self.device, **kwargs)
+            return run_trial(self.spec, cfg, self.device, **kwargs)
+
+        result = _trial_on_every_rank(run, number) if self.ranks else run()
+        if not isolated:
             if not result.memory_returned:
                 log.warning("memory did not return to its level before trial %d; running the next trials in fresh "
                             "processes", number)
@@ -419,6 +429,52 @@ class _Prober:
 
 def _store():
     return calibration.open_store()
+
+
+# -- several ranks ----------------------------------------------------------------------------------------------------
+def _world_size() -> int:
+    import torch.distributed as dist
+
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def _rank_zero() -> bool:
+    import torch.distributed as dist
+
+    return dist.get_rank() == 0
+
+
+def _on_every_rank_limit(limit: int) -> int:
+    """The smallest of the ranks' allocator limits: every rank brackets against the tightest card."""
+    from autofit import distributed
+
+    return int(-distributed.agree_max([-float(limit)])[0])
+
+
+def _trial_on_every_rank(run: Callable[[], Trial], number: int) -> Trial:
+    """``run()`` on this rank, then one collective that makes the trial the same on every rank: out of memory when
+    any rank ran out (each has released its memory before), the largest peaks and the slowest rank's tokens per
+    second when all fit, memory not returned when any rank kept some. An error other than running out of memory
+    stops every rank (``ProbeError`` on the others)."""
+    from autofit import distributed
+
+    try:
+        trial = run()
+    except BaseException:
+        distributed.agree_max([float(distributed.FAILED), 0.0, 0.0, 0.0, 0.0])
+        raise
+    level = distributed.RAN if trial.fits else distributed.OUT_OF_MEMORY
+    agreed = distributed.agree_max([float(level), float(trial.peak_allocated or 0), float(trial.peak_reserved or 0),
+                                    -float(trial.tokens_per_second or 0.0), 0.0 if trial.memory_returned else 1.0])
+    level, allocated, reserved, tokens, kept = agreed
+    if level == distributed.FAILED:
+        raise ProbeError(f"another rank stopped with an error in trial {number}; its output says which")
+    if level == distributed.OUT_OF_MEMORY:
+        if trial.fits:
+            trial = replace(trial, outcome="oom", note="out of memory on another rank")
+        return replace(trial, memory_returned=trial.memory_returned and not kept)
+    return replace(trial, peak_allocated=int(allocated), peak_reserved=int(reserved), tokens_per_second=-tokens,
+                   memory_returned=not kept)
 
 
 def _allocator_limit(plan, device) -> int:
@@ -502,7 +558,8 @@ def _rank(prober: _Prober, candidates: list[tuple[StepConfig, int]]) -> list[_Se
     identity = f"{prober.spec.fingerprint}|{prober.plan.gpu.name}|{prober.plan.seq_len}|" \
                f"{prober.plan.effective_batch}|{description}|{calibration.versions()}"
     name = "autofit-probe-" + hashlib.sha1(identity.encode()).hexdigest()[:16]
-    storage = optuna.storages.RDBStorage(prober.store.url) if prober.store is not None else None
+    # several ranks keep their study in memory: a stored one could resume on one rank and not on another
+    storage = optuna.storages.RDBStorage(prober.store.url) if prober.store is not None and not prober.ranks else None
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(study_name=name, storage=storage, load_if_exists=True, direction="maximize",
                                 sampler=optuna.samplers.GridSampler({"candidate": list(range(len(allowed)))}, seed=0))

@@ -3,9 +3,11 @@ whose trials every rank runs and agrees on. Two gloo processes on the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
+from dataclasses import dataclass
 
 import pytest
 import torch.distributed as dist
@@ -14,8 +16,9 @@ import torch.multiprocessing as mp
 from autofit import distributed as d
 from autofit import gpu as gpus
 from autofit.errors import ConfigError
-from autofit.sim.tracker import Tracker
-from tests.conftest import tiny_llama
+from autofit.probing import BudgetedCpuDevice
+from autofit.sim.tracker import Tracker, round_bytes
+from tests.conftest import tiny_gpt2, tiny_llama
 
 PLAN_ARGS = dict(seq_len=32, effective_batch=4, method="full", strategy="ddp")
 
@@ -60,6 +63,9 @@ def _rank_main(rank: int, port: int, out: str, job: dict) -> None:
         os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE="2")
         dist.init_process_group("gloo", rank=rank, world_size=2)
         result.update(_guard_on_rank(rank, job["tmp"]))
+    elif job["kind"] == "probe":
+        dist.init_process_group("gloo", rank=rank, world_size=2)
+        result.update(_probe_on_rank(rank))
     result["counts"] = counts
     with open(f"{out}.{rank}", "w") as f:
         json.dump(result, f)
@@ -108,6 +114,55 @@ def _guard_on_rank(rank: int, tmp: str) -> dict:
                                       for a, b in zip(weights, roomy.model.parameters())),
                 same_as_rank0=bool(torch.equal(mine, theirs)),
                 batch=guarded.args.per_device_train_batch_size * guarded.args.gradient_accumulation_steps)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class _SharedDevice(BudgetedCpuDevice):
+    """A budgeted CPU device of which ``ballast`` bytes are held by something else for the whole session (a card
+    another process uses too); ``broken`` makes building the model fail with an error that is not out-of-memory."""
+
+    ballast: int = 0
+    broken: bool = False
+
+    @contextlib.contextmanager
+    def session(self):
+        import torch
+
+        with BudgetedCpuDevice.session(self):
+            held = torch.empty(self.ballast, dtype=torch.uint8)
+            yield
+            del held
+
+    def build(self, spec, cfg):
+        if self.broken:
+            raise ValueError("a broken model")
+        return BudgetedCpuDevice.build(self, spec, cfg)
+
+
+def _probe_on_rank(rank: int) -> dict:
+    """Both ranks probe the same plan on devices of the same budget, but on rank 1 other memory is held: a
+    micro-batch of 8 fits rank 0 and not rank 1."""
+    from autofit import memory, planner, probing
+    from autofit import model as models
+    from tests.test_probing import CFG, EVAL, SEQ, host
+
+    spec = models.resolve(tiny_gpt2(vocab_size=512))
+    need = {b: memory.simulate_point(spec, CFG, batch_size=b, seq_len=SEQ, eval_batch_size=EVAL).min_reserved
+            for b in (4, 8)}
+    budget = need[8] + 1024
+    p = planner.replace(planner.plan(spec, host(budget), seq_len=SEQ, margin=0.0, probe=False, effective_batch=16,
+                                     gradient_checkpointing=False), eval_batch_size=EVAL)
+    device = _SharedDevice(budget_bytes=budget, ballast=need[8] - need[4] if rank == 1 else 0)
+    probed = probing.probe(p, spec=spec, device=device, use_cache=False, rank=False)
+    try:
+        probing.probe(p, spec=spec, device=_SharedDevice(budget_bytes=budget, broken=rank == 1), use_cache=False,
+                      rank=False)
+        stopped = None
+    except Exception as err:  # noqa: BLE001 - what each rank stopped with is the result
+        stopped = f"{type(err).__name__}: {err}"
+    return dict(planned=p.batch_size, need=need, batch=probed.batch_size, grad_accum=probed.grad_accum,
+                trials=[(t.batch_size, t.outcome, t.note, t.peak_reserved, t.memory_returned) for t in probed.trials],
+                stopped=stopped)
 
 
 def _two_ranks(tmp_path, **job) -> list[dict]:
@@ -193,3 +248,20 @@ def test_the_guard_halves_every_rank_when_one_runs_out_of_memory(tmp_path):
     assert ranks[1]["guarded_peak"] <= (ranks[1]["half_peak"] + ranks[1]["full_peak"]) // 2
     assert ranks[1]["stopped"] == "ValueError: a bug in the user's step"
     assert ranks[0]["stopped"].startswith("AutofitError: another rank stopped with an error")
+
+
+def test_a_probe_on_every_rank_agrees_when_only_one_rank_runs_out(tmp_path):
+    ranks = _two_ranks(tmp_path, kind="probe")
+    need = {int(k): v for k, v in ranks[0]["need"].items()}
+    assert ranks[0]["planned"] == 8  # the estimate puts 8 under the budget both devices have
+    for r in ranks:
+        # 8: out of memory on rank 1 only, so on both; everything released; then 4 fits both, exactly as estimated
+        assert [[b, outcome, returned] for b, outcome, _, _, returned in r["trials"]] == \
+            [[8, "oom", True], [4, "fits", True]]
+        # the largest of the ranks' peaks, the same on every rank: rank 1's, with what else it holds
+        assert r["trials"][1][3] == need[4] + round_bytes(need[8] - need[4])
+        assert (r["batch"], r["grad_accum"]) == (4, 4)
+    assert ranks[0]["trials"][0][2] == "out of memory on another rank"
+    assert "out of memory" in ranks[1]["trials"][0][2] and "another rank" not in ranks[1]["trials"][0][2]
+    assert ranks[1]["stopped"] == "ValueError: a broken model"
+    assert ranks[0]["stopped"] == "ProbeError: another rank stopped with an error in trial 1; its output says which"
