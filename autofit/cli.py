@@ -542,8 +542,8 @@ def _probe_world(args) -> int:
         _print_json(result.to_dict())
         return 0
     print(as_flags(result.summary()))
-    print("  note: planned from the estimate; several cards are not probed (a trial would run on every rank at "
-          "once: autofit.distributed.trial_on_every_rank agrees an out-of-memory across ranks)")
+    print("  note: planned from the estimate; the CLI does not probe several cards: in a script started on every "
+          "rank (torchrun, accelerate launch), autofit.probe(plan.rank) runs each trial on all ranks together")
     if args.out:
         print(f"wrote {args.out}")
     return 0

@@ -9,6 +9,11 @@ causal LMs) the loss is normalized over the whole window and the gradients are t
 without it is given k times the accumulation steps while its pieces run, exact for pieces of equal token counts.
 Below a micro-batch of one sequence it stops with ``DoesNotFitError``. Each change is logged and kept in
 ``Guard.events``.
+
+Under a process group of several ranks every forward and backward is followed by a collective on an out-of-memory
+flag: when one rank runs out, all of them drop the window and halve together, so none loses or repeats a step. DDP's
+gradient averaging is then done once the window's last micro-batch ran on every rank (``no_sync`` until then); FSDP,
+which gathers inside the step, is refused with ``ConfigError``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,11 @@ measured tokens per second in an Optuna study stored beside the calibration, so 
 Two devices run trials: ``CudaDevice`` (optionally capped with ``set_per_process_memory_fraction`` to stand in for a
 smaller card) and ``BudgetedCpuDevice``, real CPU tensors under a byte budget enforced by the allocation tracker,
 which lets the whole probe run for real without a GPU.
+
+Under a process group of several ranks (a script started with ``torchrun`` or ``accelerate launch``) every rank
+probes the same plan at the same time: each trial runs on all ranks and is then agreed by one collective (an
+out-of-memory error on any rank is one on all, each rank having released its memory first; the largest peaks; the
+slowest rank's speed), and every rank brackets against the tightest rank's limit, so all take the same next step.
 """
 
 from __future__ import annotations
@@ -498,10 +503,13 @@ def probe(plan, *, spec=None, device=None, isolate: bool = False, use_cache: boo
                           target_len=None if spec is not None else plan.target_len)
     validate.plan_for_model(plan, spec)
     if device is None:
-        if not torch.cuda.is_available() or plan.gpu.index is None:
+        index = plan.gpu.index
+        if _world_size() > 1 and torch.cuda.is_available():
+            index = torch.cuda.current_device()  # this rank's card, as torchrun or accelerate set it
+        if not torch.cuda.is_available() or index is None:
             raise ProbeError("no CUDA device to probe; name the card, e.g. gpu='rtx3060', to plan from the "
                              "estimate instead")
-        device = CudaDevice(index=plan.gpu.index, limit_bytes=plan.budget_bytes - plan.estimate.cuda_context)
+        device = CudaDevice(index=index, limit_bytes=plan.budget_bytes - plan.estimate.cuda_context)
     prober = _Prober(spec, plan, device, isolate=isolate, use_cache=use_cache, progress=progress,
                      max_trials=max_trials)
     candidates = [(plan.step_config, plan.batch_size)] + [

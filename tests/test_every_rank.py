@@ -265,3 +265,20 @@ def test_a_probe_on_every_rank_agrees_when_only_one_rank_runs_out(tmp_path):
     assert "out of memory" in ranks[1]["trials"][0][2] and "another rank" not in ranks[1]["trials"][0][2]
     assert ranks[1]["stopped"] == "ValueError: a broken model"
     assert ranks[0]["stopped"] == "ProbeError: another rank stopped with an error in trial 1; its output says which"
+
+
+def test_the_guard_refuses_fsdp_across_ranks(monkeypatch):
+    import torch
+    from torch.distributed.fsdp import fully_shard
+
+    from autofit.guard import _check_wrapper
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", str(_port()))
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        _check_wrapper(torch.nn.Linear(4, 4))  # an unwrapped model passes
+        with pytest.raises(ConfigError, match="not FSDP"):
+            _check_wrapper(fully_shard(torch.nn.Linear(4, 4)))
+    finally:
+        dist.destroy_process_group()
