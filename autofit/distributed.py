@@ -17,6 +17,7 @@ import shlex
 from dataclasses import dataclass, replace
 
 from autofit import gpu as gpus
+from autofit.collectives import FAILED, OUT_OF_MEMORY, RAN, agree_level, agree_max  # noqa: F401 - re-exported
 from autofit.errors import ConfigError, DoesNotFitError, GpuError
 from autofit.units import MiB, fmt_bytes
 
@@ -707,37 +708,6 @@ def agree(flag: bool) -> bool:
     value = torch.tensor([1 if flag else 0], dtype=torch.int32, device=device)
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item())
-
-
-RAN, OUT_OF_MEMORY, FAILED = 0, 1, 2  # what a rank's step did, worst last: ``agree_level`` keeps the worst
-
-
-def agree_level(level: int) -> int:
-    """The largest ``level`` over the ranks (``RAN``, ``OUT_OF_MEMORY`` or ``FAILED``) on every rank, through an
-    all-reduce (MAX) when a process group is running, else ``level``. A collective, as ``agree``."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return level
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    value = torch.tensor([level], dtype=torch.int32, device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return int(value.item())
-
-
-def agree_max(values: list[float]) -> list[float]:
-    """Each of ``values`` as its largest over the ranks (float64), through one all-reduce (MAX) when a process group
-    is running, else ``values``. A collective, as ``agree``."""
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return list(values)
-    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
-    return tensor.tolist()
 
 
 def trial_on_every_rank(step) -> bool:

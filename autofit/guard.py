@@ -124,7 +124,7 @@ class Guard:
     # -- several ranks ----------------------------------------------------------------------------------------------
     def _training_step_ranks(self, model, inputs, num_items_in_batch=None, *args, **kwargs):
         """One micro-batch on every rank of a process group. Each forward and backward (each piece) is followed by a
-        collective on an out-of-memory flag (``distributed.agree_level``), so a rank that runs out of memory is
+        collective on an out-of-memory flag (``collectives.agree_level``), so a rank that runs out of memory is
         known to all of them at the same point, and every rank drops the window and halves together; the halving
         itself is the single-process guard's. Under DDP the gradients are kept local (``no_sync``) while pieces may
         still fail, and averaged over the ranks once the window's last micro-batch ran on all of them: a bucket
@@ -159,23 +159,23 @@ def _world_size() -> int:
 def _agreed(step):
     """``step`` followed by a collective on whether it ran out of memory on any rank: it raises
     ``torch.OutOfMemoryError`` on every rank when it did on one; another error stops every rank."""
-    from autofit import distributed
+    from autofit import collectives
 
     def run(*args, **kwargs):
-        state, loss = distributed.RAN, None
+        state, loss = collectives.RAN, None
         try:
             loss = step(*args, **kwargs)
         except BaseException as err:  # noqa: BLE001 - re-raised unless it is running out of memory
             if not is_oom(err):
-                distributed.agree_level(distributed.FAILED)
+                collectives.agree_level(collectives.FAILED)
                 raise
             traceback.clear_frames(err.__traceback__)
             del err
-            state = distributed.OUT_OF_MEMORY
-        agreed = distributed.agree_level(state)
-        if agreed == distributed.FAILED:
+            state = collectives.OUT_OF_MEMORY
+        agreed = collectives.agree_level(state)
+        if agreed == collectives.FAILED:
             raise AutofitError("another rank stopped with an error in its training step; its output says which")
-        if agreed == distributed.OUT_OF_MEMORY:
+        if agreed == collectives.OUT_OF_MEMORY:
             raise torch.OutOfMemoryError("out of memory on " + ("this rank" if state else "another rank"))
         return loss
 

@@ -451,9 +451,9 @@ def _rank_zero() -> bool:
 
 def _on_every_rank_limit(limit: int) -> int:
     """The smallest of the ranks' allocator limits: every rank brackets against the tightest card."""
-    from autofit import distributed
+    from autofit import collectives
 
-    return int(-distributed.agree_max([-float(limit)])[0])
+    return int(-collectives.agree_max([-float(limit)])[0])
 
 
 def _trial_on_every_rank(run: Callable[[], Trial], number: int) -> Trial:
@@ -461,20 +461,20 @@ def _trial_on_every_rank(run: Callable[[], Trial], number: int) -> Trial:
     any rank ran out (each has released its memory before), the largest peaks and the slowest rank's tokens per
     second when all fit, memory not returned when any rank kept some. An error other than running out of memory
     stops every rank (``ProbeError`` on the others)."""
-    from autofit import distributed
+    from autofit import collectives
 
     try:
         trial = run()
     except BaseException:
-        distributed.agree_max([float(distributed.FAILED), 0.0, 0.0, 0.0, 0.0])
+        collectives.agree_max([float(collectives.FAILED), 0.0, 0.0, 0.0, 0.0])
         raise
-    level = distributed.RAN if trial.fits else distributed.OUT_OF_MEMORY
-    agreed = distributed.agree_max([float(level), float(trial.peak_allocated or 0), float(trial.peak_reserved or 0),
+    level = collectives.RAN if trial.fits else collectives.OUT_OF_MEMORY
+    agreed = collectives.agree_max([float(level), float(trial.peak_allocated or 0), float(trial.peak_reserved or 0),
                                     -float(trial.tokens_per_second or 0.0), 0.0 if trial.memory_returned else 1.0])
     level, allocated, reserved, tokens, kept = agreed
-    if level == distributed.FAILED:
+    if level == collectives.FAILED:
         raise ProbeError(f"another rank stopped with an error in trial {number}; its output says which")
-    if level == distributed.OUT_OF_MEMORY:
+    if level == collectives.OUT_OF_MEMORY:
         if trial.fits:
             trial = replace(trial, outcome="oom", note="out of memory on another rank")
         return replace(trial, memory_returned=trial.memory_returned and not kept)

@@ -53,7 +53,7 @@ def _rank_main(rank: int, port: int, out: str, job: dict) -> None:
         p = d.plan(tiny_llama(), job["gpu"], **PLAN_ARGS)
         result.update(plan=d.plan_to_text(p), world=[c.name for c in p.world.cards], size=p.world_size,
                       initialised=dist.is_initialized())
-    elif job["kind"] == "error":  # the script initialised the group itself; a bad request fails on rank 0, raised on both
+    elif job["kind"] == "error":  # the script initialised the group; a bad request fails on rank 0, raised on both
         dist.init_process_group("gloo", rank=rank, world_size=2)
         try:
             d.plan(tiny_llama(), job["gpu"], **dict(PLAN_ARGS, effective_batch=3))
