@@ -84,7 +84,12 @@ AutoModelForCausalLM.from_config(cfg).save_pretrained(a["dir"])
 
 
 def child(code: str, args: dict) -> dict:
-    env = dict(os.environ, PYTHONPATH=os.environ.get("PYTHONPATH", "."), TOKENIZERS_PARALLELISM="false")
+    # a fresh process with only what it needs from this one's environment: a measurement of a resident set must not
+    # depend on what ran before it in the parent (a test session, a shell's settings)
+    keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR", "VIRTUAL_ENV", "HF_HOME")
+    env = {k: os.environ[k] for k in keep if k in os.environ}
+    env.update(PYTHONPATH=os.environ.get("PYTHONPATH", "."), TOKENIZERS_PARALLELISM="false", AUTOFIT_CACHE="off",
+               HF_HUB_OFFLINE="1")
     done = subprocess.run([sys.executable, "-c", code, json.dumps(args)], capture_output=True, text=True, env=env,
                           timeout=600)
     if done.returncode:
