@@ -47,21 +47,30 @@ if args.get("calibrate"):
 import threading
 machine = host.Machine.now()
 dtype = getattr(torch, args["dtype"])
+# the run's peak is watched from here: building the tokenizer above (training one from the samples, which a real run
+# never does) is not part of what the estimate models, and ru_maxrss cannot be reset after it
+span, running = [0], [True]
+def watch_span():
+    while running[0]:
+        span[0] = max(span[0], rss()); time.sleep(0.005)
+spanner = threading.Thread(target=watch_span); spanner.start()
 loading_from = rss()
 net = AutoModelForCausalLM.from_pretrained(args["ckpt"], dtype=dtype, local_files_only=True)
 converted = sum(p.numel() * p.element_size() for p in net.parameters()) if dtype != torch.float32 else 0
 out["loading_residue"] = rss() - loading_from - converted  # what loading leaves beyond a converted copy
-before, top, running = rss(), [0], [True]
-def watch():  # the resident set's peak while tokenizing (ru_maxrss cannot be reset after loading)
-    while running[0]:
+before, top, tokenizing = rss(), [0], [True]
+def watch():  # the resident set's peak while tokenizing
+    while tokenizing[0]:
         top[0] = max(top[0], rss()); time.sleep(0.005)
 watcher = threading.Thread(target=watch); watcher.start()
 ds = D.tokenize(samples, tok, seq_len=args["seq_len"], packing=False)
-running[0] = False; watcher.join()
+tokenizing[0] = False; watcher.join()
 n = sum(len(item["input_ids"]) for item in ds)
 out.update(tokenize_peak_per_token=(top[0] - before) / n, kept_per_token=(rss() - before) / n)
 net.save_pretrained(args["save"])
-out["peak_rss"] = peak()
+running[0] = False; spanner.join()
+out["peak_rss"] = max(span[0], rss())
+out["lifetime_peak_rss"] = peak()  # with the tokenizer's building, for reference
 spec = models.resolve(args["ckpt"])
 cfg = StepConfig(method="full", precision="32-true" if dtype == torch.float32 else "bf16-true", device="cpu")
 lengths = D.token_lengths(samples, tok)
