@@ -17,6 +17,7 @@ from autofit import distributed as d
 from autofit import gpu as gpus
 from autofit.errors import ConfigError, GpuError
 from autofit.sim.tracker import Tracker, round_bytes
+from tests.conftest import end_rank
 
 
 # -- worlds ---------------------------------------------------------------------------------------------------------
@@ -238,6 +239,7 @@ def _rank_main(rank: int, port: int, out: str, job: dict) -> None:
             json.dump(result, f)
     finally:
         dist.destroy_process_group()
+    end_rank()
 
 
 def _two_ranks(tmp_path, **job) -> list[dict]:

@@ -18,7 +18,7 @@ from autofit import gpu as gpus
 from autofit.errors import ConfigError
 from autofit.probing import BudgetedCpuDevice
 from autofit.sim.tracker import Tracker, round_bytes
-from tests.conftest import tiny_gpt2, tiny_llama
+from tests.conftest import end_rank, tiny_gpt2, tiny_llama
 
 PLAN_ARGS = dict(seq_len=32, effective_batch=4, method="full", strategy="ddp")
 
@@ -71,6 +71,7 @@ def _rank_main(rank: int, port: int, out: str, job: dict) -> None:
         json.dump(result, f)
     dist.barrier()  # neither rank tears the group down while the other still talks to it
     dist.destroy_process_group()
+    end_rank()
 
 
 def _guard_on_rank(rank: int, tmp: str) -> dict:
