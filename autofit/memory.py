@@ -566,7 +566,13 @@ def _envelope_of(sims: list[Simulation], spec: models.ModelSpec) -> "_Envelope":
     if hit is None:
         if len(_ENVELOPES) >= _ENVELOPES_SIZE:
             _ENVELOPES.pop(next(iter(_ENVELOPES)))
-        hit = _ENVELOPES[key] = (list(sims), fit_envelope(sims, spec, spec.num_layers))
+        try:
+            fitted: _Envelope | SimulationError = fit_envelope(sims, spec, spec.num_layers)
+        except SimulationError as err:
+            fitted = err  # a depth that cannot be extrapolated stays so: the next plan goes straight to the next
+        hit = _ENVELOPES[key] = (list(sims), fitted)
+    if isinstance(hit[1], SimulationError):
+        raise hit[1].with_traceback(None)
     return hit[1]
 
 

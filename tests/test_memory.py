@@ -151,3 +151,27 @@ def test_a_cpu_estimate_speaks_of_ram_not_of_a_card():
     text = est.summary()
     assert "peak live" in text and "the step's tensors in RAM" in text
     assert "torch.cuda" not in text and "nvidia-smi" not in text
+
+
+def test_a_fit_that_cannot_extrapolate_is_remembered_as_such(monkeypatch):
+    """An encoder simulated whole (DeBERTa) first fails to extrapolate from the shallow and deep depths; a warm plan
+    re-raises those failures from memory instead of fitting the same simulations again."""
+    from types import SimpleNamespace
+
+    calls = []
+
+    def failing_fit(sims, spec, target_layers):
+        calls.append(target_layers)
+        raise SimulationError("blocks of the step differ between layers")
+
+    monkeypatch.setattr(memory, "_ENVELOPES", {})
+    monkeypatch.setattr(memory, "fit_envelope", failing_fit)
+    spec = SimpleNamespace(config=SimpleNamespace(), num_layers=12)
+    sims, others = [object(), object()], [object()]
+    for _ in range(3):
+        with pytest.raises(SimulationError, match="differ between layers"):
+            memory._envelope_of(sims, spec)
+    assert calls == [12]
+    with pytest.raises(SimulationError):
+        memory._envelope_of(others, spec)
+    assert calls == [12, 12]
