@@ -1360,3 +1360,19 @@ def fit_table(gpu, *, method: str = "auto", seq_len: int | None = None,
         if work is not None:
             work.close()
     return rows
+
+
+def forget() -> None:
+    """Drops everything this process keeps from earlier plans (simulations, fitted depth models, run models,
+    parameter counts, replay answers), so that the next plan is made as in a fresh process; what is kept on disk
+    stays (``AUTOFIT_CACHE=off`` leaves it out). For a long-lived process that plans many models, and for timing a
+    cold plan."""
+    from autofit.sim import simulate, table
+
+    simulate._CACHE.clear()
+    memory._ENVELOPES.clear()
+    memory.step_model.cache_clear()
+    runs._MODELS.clear()
+    models._COUNTS.clear()
+    offload._SIZES.clear()
+    table.forget()

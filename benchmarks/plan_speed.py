@@ -30,7 +30,7 @@ import io
 import pstats
 import statistics
 
-from autofit import memory, model, planner, runs
+from autofit import memory, model, planner
 from autofit.errors import DoesNotFitError
 from autofit.sim import allocator, batchline, simulate, table
 
@@ -73,10 +73,7 @@ def instrument() -> None:
 
 def cold() -> None:
     """Forgets what this process holds from earlier plans: simulations, run models, envelope fits, replay answers."""
-    simulate._CACHE.clear()
-    runs._MODELS.clear()
-    memory._ENVELOPES.clear()
-    table.forget()
+    planner.forget()
 
 
 def baseline(spec, card: str, p: planner.Plan) -> tuple[float, int, int]:

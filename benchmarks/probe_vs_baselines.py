@@ -56,13 +56,7 @@ SHAPES = {"gpt2": gpt2_shape, "llama": llama_shape}  # small shapes built here, 
 
 def cold() -> None:
     """Forgets every simulation, run model and replay answer this process holds: each row plans from nothing."""
-    from autofit import runs
-    from autofit.sim import simulate, table
-
-    simulate._CACHE.clear()
-    runs._MODELS.clear()
-    memory._ENVELOPES.clear()
-    table.forget()
+    planner.forget()
 
 
 def one_row(spec, budget: int, args) -> list[dict]:

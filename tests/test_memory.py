@@ -175,3 +175,18 @@ def test_a_fit_that_cannot_extrapolate_is_remembered_as_such(monkeypatch):
     with pytest.raises(SimulationError):
         memory._envelope_of(others, spec)
     assert calls == [12, 12]
+
+
+def test_forget_leaves_nothing_of_earlier_plans(monkeypatch):
+    """``planner.forget()`` empties every in-process store a plan fills, so the next plan is made from nothing (the
+    speed benchmarks time cold plans with it)."""
+    from autofit import model as models
+    from autofit import offload, planner, runs
+
+    monkeypatch.setenv("AUTOFIT_CACHE", "off")
+    planner.plan(tiny_llama(), "rtx3060", seq_len=64, probe=False)
+    stores = {"simulations": simulate._CACHE, "fits": memory._ENVELOPES, "runs": runs._MODELS,
+              "counts": models._COUNTS}
+    assert all(stores.values()), {name: len(store) for name, store in stores.items()}
+    planner.forget()
+    assert not any(stores.values()) and not offload._SIZES
