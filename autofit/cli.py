@@ -111,9 +111,13 @@ MARGIN_HELP = ("share of the card's memory kept free (default: 0.05); on the CPU
 
 
 OPTIMIZER_CHOICES = ("adamw_torch_fused", "adamw_torch", "adamw_8bit", "paged_adamw_8bit", "adamw_cpu_offload")
-ALLOW_HELP = ("optimizer levers full fine-tuning may pull when plain AdamW leaves no useful micro-batch: 8bit, paged, "
-              "cpu-offload, comma-separated (default: all of them with --method full, none with auto)")
-NO_OFFLOAD_HELP = "never keep optimizer state in host RAM (no paged or CPU-offloaded optimizer)"
+ALLOW_HELP = ("levers the planner may pull, comma-separated: optimizer levers for full fine-tuning when plain AdamW "
+              "leaves no useful micro-batch (8bit, paged, cpu-offload; default: all with --method full, none with "
+              "auto), and activations (offloaded to host RAM when nothing fits without it; allowed by default)")
+NO_OFFLOAD_HELP = ("never keep training state in host RAM (no paged or CPU-offloaded optimizer, no offloaded "
+                   "activations)")
+OFFLOAD_ACTIVATIONS_HELP = ("keep the tensors each forward saves for the backward in pinned host RAM "
+                            "(torch.autograd.graph.save_on_cpu): less card memory, a copy over PCIe each way")
 
 
 def _csv(text: str) -> tuple[str, ...]:
@@ -134,6 +138,7 @@ def _add_knobs(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lora-r", type=int, default=16, metavar="N", help="LoRA rank (default: 16)")
     g.add_argument("--lora-targets", type=_csv, default=None, metavar="A,B",
                    help="modules to adapt (default: peft's targets for the architecture)")
+    g.add_argument("--offload-activations", action="store_true", help=OFFLOAD_ACTIVATIONS_HELP)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -207,6 +212,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="machines with --gpus cards each (planned on paper; default: 1)")
     p.add_argument("--allow", type=_csv, default=None, metavar="A,B", help=ALLOW_HELP)
     p.add_argument("--no-offload", action="store_true", help=NO_OFFLOAD_HELP)
+    p.add_argument("--offload-activations", action="store_true",
+                   help=OFFLOAD_ACTIVATIONS_HELP + " in every configuration tried (default: only when nothing fits "
+                   "without it)")
     p.add_argument("--no-probe", action="store_true", help="plan from the estimate even when the card is present")
     p.add_argument("--probe-on", metavar="cuda:N", default=None,
                    help="probe on this device with its allocator capped at the planned card's budget, so a large "
@@ -263,6 +271,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--learning-rate", type=float, default=None, metavar="LR")
     p.add_argument("--allow", type=_csv, default=None, metavar="A,B", help=ALLOW_HELP)
     p.add_argument("--no-offload", action="store_true", help=NO_OFFLOAD_HELP)
+    p.add_argument("--offload-activations", action="store_true", help=OFFLOAD_ACTIVATIONS_HELP)
     p.add_argument("--no-packing", action="store_true", help="truncate each sample instead of packing plain text")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_train)
@@ -415,7 +424,8 @@ def _estimate(args) -> int:
         _model_ref(args), args.gpu, batch_size=args.batch_size, seq_len=args.seq_len, method=args.method,
         precision=args.precision, quantization=args.quantization,
         gradient_checkpointing=args.gradient_checkpointing, optimizer=args.optimizer, lora_r=args.lora_r,
-        lora_targets=args.lora_targets, expandable_segments=args.expandable_segments, progress=progress)
+        lora_targets=args.lora_targets, expandable_segments=args.expandable_segments,
+        offload_activations=args.offload_activations, progress=progress)
     plotted = None
     if args.plot:
         from autofit import plot
@@ -451,7 +461,8 @@ def _estimate_run(args, progress) -> int:
         eval_batch_size=(args.eval_batch or args.batch_size) if args.eval_every else None,
         expandable_segments=args.expandable_segments, progress=progress, method=args.method,
         precision=args.precision, quantization=args.quantization, gradient_checkpointing=args.gradient_checkpointing,
-        optimizer=args.optimizer, lora_r=args.lora_r, lora_targets=args.lora_targets)
+        optimizer=args.optimizer, lora_r=args.lora_r, lora_targets=args.lora_targets,
+        offload_activations=args.offload_activations)
     progress.done()
     if args.json:
         _print_json(result.to_dict())
@@ -484,6 +495,7 @@ def _probe(args) -> int:
         dataset=args.data, quantization=args.quantization, precision=args.precision, lora_r=args.lora_r,
         lora_targets=args.lora_targets, optimizer=args.optimizer, eval_batch_size=args.eval_batch,
         reserved_by_others=args.reserved_by_others, allow=args.allow, no_offload=args.no_offload,
+        offload_activations=True if args.offload_activations else None,
         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
         probe=False if stand_in or args.no_probe or args.gpu is not None and not str(args.gpu).startswith("cuda")
         else None, progress=progress, **kwargs)
@@ -532,6 +544,7 @@ def _probe_world(args) -> int:
         precision=args.precision, lora_r=args.lora_r, lora_targets=args.lora_targets, optimizer=args.optimizer,
         eval_batch_size=args.eval_batch, reserved_by_others=args.reserved_by_others,
         gradient_checkpointing={"auto": None, "on": True, "off": False}[args.gradient_checkpointing],
+        allow=args.allow, no_offload=args.no_offload, offload_activations=True if args.offload_activations else None,
         progress=progress, **kwargs)
     progress.done()
     if args.out:
@@ -583,7 +596,8 @@ def _train(args) -> int:
     options = {k: v for k, v in dict(seq_len=args.seq_len, effective_batch=args.effective_batch,
                                       method=args.method, eval_batch_size=args.eval_batch,
                                       reserved_by_others=args.reserved_by_others, allow=args.allow,
-                                      no_offload=args.no_offload or None).items()
+                                      no_offload=args.no_offload or None,
+                                      offload_activations=args.offload_activations or None).items()
                if v is not None}  # given ones: a plan wins, and says so
     result = training.train(args.model, args.data, output_dir=args.out, plan=args.plan, gpu=args.gpu,
                             steps=args.steps, epochs=args.epochs, random_init=args.random_init, resume=args.resume,

@@ -148,12 +148,13 @@ def batch_bytes(batch_size: int, seq_len: int) -> int:
 
 def estimate(spec: arch.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_len: int, tokens: int | None,
              step_bytes: int = 0, step_resident: int = 0, loader: Loader, save: bool = True,
-             machine: Machine | None = None, train: bool = True) -> HostEstimate:
+             machine: Machine | None = None, train: bool = True, offloaded: int = 0) -> HostEstimate:
     """The host peak of a run of ``spec`` with ``cfg`` (see the module docstring).
 
     ``tokens``: tokens in the tokenized training data (None: no data given, not counted). ``step_bytes``: for a CPU
     run, the step's need in RAM (the plan's estimate); ``step_resident``: what of it stays between steps (weights,
     gradients, optimizer state), alive while saving. ``train`` False models loading, tokenizing and saving only.
+    ``offloaded``: pinned host bytes of offloaded activations (the plan's ``estimate.offloaded_pinned``).
     """
     machine = machine or Machine.now()
     cpu = cfg.device == "cpu"
@@ -194,6 +195,8 @@ def estimate(spec: arch.ModelSpec, cfg: StepConfig, *, batch_size: int, seq_len:
     if pinned:
         run_parts.append(("pinned batches", pinned))
     run_parts.extend(held.items())
+    if offloaded:
+        run_parts.append(("offloaded activations (pinned)", offloaded))
     if train:
         phases["training"] = ([("training step (RAM is the device)", step_bytes)] if cpu else []) + run_parts
     # what the Trainer saves: the whole model for full fine-tuning, the adapters (fp32, as peft makes them) for LoRA
@@ -229,13 +232,14 @@ def loader_variants(device: str) -> list[Loader]:
 
 
 def plan_host(spec, cfg: StepConfig, *, batch_size: int, seq_len: int, tokens: int | None, step_bytes: int = 0,
-              step_resident: int = 0, machine: Machine | None = None) -> tuple[HostEstimate, list[str]]:
+              step_resident: int = 0, machine: Machine | None = None, offloaded: int = 0
+              ) -> tuple[HostEstimate, list[str]]:
     """The host estimate with the first loader variant whose run fits RAM available (else the lightest), and the
     reasons to state: the loader chosen and why, and whether the run fits the host."""
     machine = machine or Machine.now()
     variants = loader_variants(cfg.device)
     tried = [estimate(spec, cfg, batch_size=batch_size, seq_len=seq_len, tokens=tokens, step_bytes=step_bytes,
-                      step_resident=step_resident, loader=v, machine=machine) for v in variants]
+                      step_resident=step_resident, loader=v, machine=machine, offloaded=offloaded) for v in variants]
     chosen = next((e for e in tried if e.fits), tried[-1])
     reasons = []
     first = tried[0]
@@ -260,7 +264,8 @@ def refit_loader(plan, spec: arch.ModelSpec, *, tokens: int | None, machine: Mac
     e = plan.estimate
     est, _ = plan_host(spec, cfg, batch_size=plan.batch_size, seq_len=plan.seq_len, tokens=tokens,
                        step_bytes=plan.required_bytes if cpu else 0,
-                       step_resident=e.weights + e.gradients + e.optimizer_state if cpu else 0, machine=machine)
+                       step_resident=e.weights + e.gradients + e.optimizer_state if cpu else 0, machine=machine,
+                       offloaded=e.offloaded_pinned)
     before = plan.host.loader if plan.host is not None else None
     if tell is not None and before is not None and est.loader != before:
         tell(f"data loader changed from {before.num_workers} workers (pinning {'on' if before.pin_memory else 'off'}) "

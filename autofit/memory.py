@@ -156,6 +156,10 @@ class MemoryEstimate:
     notes: tuple[str, ...] = ()
     eval_batch_size: int | None = None  # an evaluation pass of this batch after the steps is counted in the totals
     eval_peak: int | None = None  # live bytes at the evaluation pass's peak
+    # activation offloading (config.offload_activations): pinned host RAM the forward's copies hold, and the bytes
+    # copied to the host in each micro-batch's forward (and back to the card in its backward)
+    offloaded_pinned: int = 0
+    offloaded_copied: int = 0
 
     def __post_init__(self) -> None:
         for name in ("weights", "gradients", "optimizer_state", "activations", "logits_and_loss", "temporaries",
@@ -211,6 +215,7 @@ class MemoryEstimate:
             f"{self.model_name}: batch {self.batch_size} x {self.seq_len} tokens, {cfg.method}"
             f"{'' if cfg.quantization == 'none' else ' ' + cfg.quantization}, {cfg.precision}, "
             f"checkpointing {'on' if cfg.gradient_checkpointing else 'off'}, {cfg.optimizer}"
+            + (", activations offloaded" if cfg.offload_activations else "")
             + (f" on {self.gpu_name}" if self.gpu_name else ""),
             f"  peak: {self.where} ({self.source}; attention kernel: {self.attention_kernel})",
         ]
@@ -230,6 +235,9 @@ class MemoryEstimate:
         if self.eval_peak is not None:
             lines.append(f"  evaluation at batch {self.eval_batch_size}: peak {fmt_bytes(self.eval_peak)} of live "
                          "tensors (counted in the totals)")
+        if cfg.offload_activations:
+            lines.append(f"  activations offloaded: {fmt_bytes(self.offloaded_pinned)} of pinned host RAM, "
+                         f"{fmt_bytes(self.offloaded_copied)} copied to the host and back each micro-batch")
         lines.extend(f"  note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -576,6 +584,43 @@ def _envelope_of(sims: list[Simulation], spec: models.ModelSpec) -> "_Envelope":
     return hit[1]
 
 
+# -- activation offloading: the host side ----------------------------------------------------------------------------
+def pinned_bytes(sizes) -> int:
+    """Pinned host memory that copies of these sizes take: PyTorch's caching host allocator rounds each request up
+    to a power of two (aten/src/ATen/core/CachingHostAllocator.h, ``allocate``: ``PowerOf2Ceil(size)``)."""
+    return sum(1 << (int(n) - 1).bit_length() for n in sizes if n > 0)
+
+
+class OffloadFit:
+    """What activation offloading keeps in host memory at any shape: each offloaded tensor's bytes fitted over the
+    shape features at every simulated depth (exact where every allocation's is), rounded as the host allocator
+    rounds, then extrapolated in depth like the step's peak. The copies of one forward all live until its backward,
+    so their sum is the host's peak for the step."""
+
+    def __init__(self, sims: list[Simulation], depths: tuple[int, ...], num_layers: int) -> None:
+        self.depths, self.num_layers = depths, num_layers
+        self._fits: dict[int, tuple[str, np.ndarray]] = {}
+        for depth in depths:
+            group = [s for s in sims if s.num_layers == depth]
+            if len({len(s.offloaded) for s in group}) != 1:
+                raise SimulationError("activation offloading copied different tensors at different shapes; "
+                                      "cannot fit its host memory")
+            features = _feature_set([(s.batch_size, s.seq_len) for s in group])
+            phi = shape_features(np.array([s.batch_size for s in group]), np.array([s.seq_len for s in group]),
+                                 features)
+            sizes = np.array([s.offloaded for s in group], dtype=np.float64).reshape(len(group), -1)
+            self._fits[depth] = (features, np.linalg.lstsq(phi, sizes, rcond=None)[0])
+
+    def at(self, batch_size: int, seq_len: int) -> tuple[int, int]:
+        """(pinned host bytes, bytes copied each way) of a micro-batch of this shape at the model's depth."""
+        pinned, copied = {}, {}
+        for depth, (features, coef) in self._fits.items():
+            sizes = np.maximum(0, np.rint(shape_features(batch_size, seq_len, features) @ coef)).astype(np.int64)
+            pinned[depth], copied[depth] = pinned_bytes(sizes.tolist()), int(sizes.sum())
+        return (int(round(by_depth(pinned, self.depths, self.num_layers))),
+                int(round(by_depth(copied, self.depths, self.num_layers))))
+
+
 # -- the fast model over shapes ---------------------------------------------------------------------------------------
 class StepModel:
     """Peak memory of one model and step configuration as a function of batch size (and sequence length).
@@ -601,6 +646,7 @@ class StepModel:
         self.workspaces = workspace_bytes(cfg)
         self._margin_share = 0.0 if cfg.device == "cpu" else _fit_margin(sims, spec, self.workspaces)
         self.kernel = _kernel_name(sims[-1])
+        self.offload = OffloadFit(sims, self.depths, spec.num_layers) if cfg.offload_activations else None
         self.build_seconds = time.perf_counter() - started
 
     def query(self, batch_size: int, seq_len: int | None = None) -> tuple[int, np.ndarray, str]:
@@ -615,6 +661,10 @@ class StepModel:
         allocated, parts, _ = self.query(batch_size, seq_len)
         dynamic = allocated - self.workspaces - int(parts[simulate.WEIGHTS]) - int(parts[simulate.OPTIMIZER])
         return allocated + int(self._margin_share * max(0, dynamic))
+
+    def offloaded(self, batch_size: int, seq_len: int | None = None) -> tuple[int, int]:
+        """(pinned host bytes, bytes copied each way per micro-batch) of activation offloading; zeros without it."""
+        return (0, 0) if self.offload is None else self.offload.at(batch_size, self._seq(seq_len))
 
     def eval_need(self, eval_batch_size: int) -> int:
         """Live bytes plus workspaces at the peak of an evaluation pass of ``eval_batch_size`` (fitted with
@@ -767,6 +817,7 @@ def step_config(
     lora_dropout: float = 0.05,
     lora_targets: tuple[str, ...] | None = None,
     max_grad_norm: float | None = 1.0,
+    offload_activations: bool = False,
 ) -> StepConfig:
     """The ``StepConfig`` for these knobs on ``gpu`` (``gpu.source == "host"``: a run in host memory on the CPU).
 
@@ -790,6 +841,7 @@ def step_config(
         gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha,
         lora_dropout=lora_dropout, lora_targets=tuple(lora_targets) if lora_targets else None,
         max_grad_norm=max_grad_norm, compute_capability=cc, device="cpu" if host else "cuda",
+        offload_activations=offload_activations,
     )
 
 
@@ -810,6 +862,7 @@ def estimate(
     lora_targets: tuple[str, ...] | None = None,
     max_grad_norm: float | None = 1.0,
     expandable_segments: bool = False,
+    offload_activations: bool = False,
     progress: Callable[[str], None] | None = None,
 ) -> MemoryEstimate:
     """Peak memory of a training step of ``model`` on ``gpu`` with these knobs, without allocating anything.
@@ -825,11 +878,11 @@ def estimate(
                              quantization=quantization, gradient_checkpointing=gradient_checkpointing,
                              optimizer=optimizer, lora_r=lora_r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
                              lora_targets=lora_targets, max_grad_norm=max_grad_norm,
-                             expandable_segments=expandable_segments)
+                             expandable_segments=expandable_segments, offload_activations=offload_activations)
     cfg = step_config(card, method=method, precision=precision, quantization=quantization,
                       gradient_checkpointing=gradient_checkpointing, optimizer=optimizer, lora_r=lora_r,
                       lora_alpha=lora_alpha, lora_dropout=lora_dropout, lora_targets=lora_targets,
-                      max_grad_norm=max_grad_norm)
+                      max_grad_norm=max_grad_norm, offload_activations=offload_activations)
     try:
         result = simulate_point(spec, cfg, batch_size=batch_size, seq_len=seq_len,
                                 expandable_segments=expandable_segments, progress=progress)
@@ -856,16 +909,18 @@ def simulate_point(spec: models.ModelSpec, cfg: StepConfig, *, batch_size: int, 
     eval_peak = None
     if eval_batch_size:
         eval_peak = int(round(by_depth({sim.num_layers: _eval_peak(sim) for sim in sims}, depths, spec.num_layers)))
+    offloaded = OffloadFit(sims, depths, spec.num_layers).at(batch_size, seq_len) if cfg.offload_activations \
+        else (0, 0)
     return _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces,
                      rounding=over_live["allocated"], reserved_margin=over_live["reserved"],
                      needed_margin=over_live["needed"], source="simulation", kernel=_kernel_name(sims[-1]),
                      depths=depths, expandable=expandable_segments, eval_batch_size=eval_batch_size,
-                     eval_peak=eval_peak)
+                     eval_peak=eval_peak, offloaded=offloaded)
 
 
 def _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspaces, *, rounding, reserved_margin,
               needed_margin, source, kernel, depths, expandable=False, notes=(), eval_batch_size=None,
-              eval_peak=None) -> MemoryEstimate:
+              eval_peak=None, offloaded=(0, 0)) -> MemoryEstimate:
     parts = {name: int(by_category[i]) for i, name in enumerate(CATEGORY_NAMES) if i != HOST}
     tensors = sum(parts.values())
     allocated = max(tensors, eval_peak or 0) + workspaces + rounding
@@ -883,7 +938,7 @@ def _assemble(spec, cfg, batch_size, seq_len, live, by_category, where, workspac
         device_total=reserved + context, where=where, source=source, attention_kernel=kernel,
         simulated_layers=tuple(depths), config=cfg, batch_size=batch_size, seq_len=seq_len, model_name=spec.name,
         num_layers=spec.num_layers, expandable_segments=expandable, notes=notes, eval_batch_size=eval_batch_size,
-        eval_peak=eval_peak,
+        eval_peak=eval_peak, offloaded_pinned=offloaded[0], offloaded_copied=offloaded[1],
     )
 
 
@@ -894,7 +949,7 @@ def from_step_model(sm: StepModel, batch_size: int, seq_len: int | None = None) 
     margin = sm.min_reserved(batch_size, seq_len) - allocated
     return _assemble(sm.spec, sm.cfg, batch_size, seq_len, allocated - sm.workspaces, by_category, where,
                      sm.workspaces, rounding=0, reserved_margin=margin, needed_margin=margin, source="surrogate",
-                     kernel=sm.kernel, depths=sm.depths)
+                     kernel=sm.kernel, depths=sm.depths, offloaded=sm.offloaded(batch_size, seq_len))
 
 
 # -- the analytic fallback -------------------------------------------------------------------------------------------

@@ -11,6 +11,11 @@ Levers, by the name a user allows or forbids them with (``plan(allow=...)``, ``-
 - ``paged``: bitsandbytes ``PagedAdamW8bit`` (``optim="paged_adamw_8bit"``): the same, its large moments in CUDA
   managed memory that the driver pages to host RAM when the card runs short.
 - ``cpu-offload``: torchao ``CPUOffloadOptimizer`` (AdamW on the CPU over pinned host copies).
+- ``activations``: the forward's saved tensors copied to pinned host RAM and back for the backward
+  (``torch.autograd.graph.save_on_cpu(pin_memory=True)``), for any method; the planner pulls it only when nothing
+  fits at the sequence length without it, before it shortens the sequence. The engine simulates what stays on the
+  card; what the copies hold in host RAM and move over PCIe comes from the same simulation
+  (``memory.OffloadFit``). ``offload_activations(model)`` applies it to a model a script trains.
 """
 
 from __future__ import annotations
@@ -30,7 +35,8 @@ from autofit.units import fmt_bytes
 
 # lever name -> the optimizer the engine simulates and the plan hands to the Trainer
 LEVERS = {"8bit": "adamw_8bit", "paged": "paged_adamw_8bit", "cpu-offload": "adamw_cpu_offload"}
-OFFLOADING = ("paged", "cpu-offload")  # the levers that put state in host memory: what --no-offload forbids
+ACTIVATIONS = "activations"  # the lever that offloads the forward's saved tensors (StepConfig.offload_activations)
+OFFLOADING = ("paged", "cpu-offload", ACTIVATIONS)  # the levers that put state in host memory: what --no-offload forbids
 LEVER_OF = {optimizer: lever for lever, optimizer in LEVERS.items()}
 NAMES = {"adamw_8bit": "8-bit AdamW states (bitsandbytes AdamW8bit)",
          "paged_adamw_8bit": "paged 8-bit AdamW states (bitsandbytes PagedAdamW8bit)",
@@ -51,18 +57,19 @@ PCIE_FILE = Path(__file__).parent / "catalog" / "pcie.json"
 def allowed(allow=None, *, no_offload: bool = False) -> tuple[str, ...]:
     """The lever names a plan may use: ``allow`` (names of ``LEVERS``, a comma-separated string or an iterable;
     None: all of them), less the offloading ones when ``no_offload``. Raises ``ConfigError`` for an unknown name."""
+    known = (*LEVERS, ACTIVATIONS)
     if allow is None:
-        names = tuple(LEVERS)
+        names = known
     else:
         if isinstance(allow, str):
             allow = [a for a in allow.replace(" ", "").split(",") if a]
         try:
             names = tuple(dict.fromkeys(allow))
         except TypeError:
-            raise ConfigError(f"allow names levers ({', '.join(LEVERS)}); got {allow!r}") from None
-        unknown = [a for a in names if a not in LEVERS]
+            raise ConfigError(f"allow names levers ({', '.join(known)}); got {allow!r}") from None
+        unknown = [a for a in names if a not in known]
         if unknown:
-            raise ConfigError(f"unknown lever {unknown[0]!r} in allow; the levers are {', '.join(LEVERS)} "
+            raise ConfigError(f"unknown lever {unknown[0]!r} in allow; the levers are {', '.join(known)} "
                               "(e.g. allow='8bit,cpu-offload')")
     if no_offload:
         names = tuple(n for n in names if n not in OFFLOADING)
@@ -240,3 +247,48 @@ def training_optimizer(optimizer: str):
         raise ConfigError("this plan offloads the optimizer to the CPU through torchao: pip install 'autofit[offload]' "
                           "(or plan with --no-offload)") from None
     return CPUOffloadOptimizer, {"optimizer_class": torch.optim.AdamW, "offload_gradients": False, "fused": True}
+
+
+# -- activation offloading ------------------------------------------------------------------------------------------
+def activation_seconds(copied: int, card: gpus.GpuInfo) -> float:
+    """Seconds a micro-batch spends copying its ``copied`` bytes of saved tensors to the host and back: torch's
+    ``save_on_cpu`` copies on the compute stream, so the copies add to the step rather than overlap it."""
+    return 2 * copied / (pcie_gbs(card) * 1e9)
+
+
+def activation_reason(seq_len: int, pinned: int, copied: int, card: gpus.GpuInfo, share: float) -> str:
+    """What offloading activations bought and costs, in one line."""
+    return (f"activations offloaded to host RAM (torch.autograd.graph.save_on_cpu, pinned): nothing fits at {seq_len} "
+            f"tokens with them on the card; the copies hold {fmt_bytes(pinned)} of pinned host RAM and move "
+            f"{fmt_bytes(copied)} each way a micro-batch over the card's link ({pcie_gbs(card):.1f} GB/s assumed), "
+            f"an estimated {share:.0%} of each step; forbid with --no-offload (or allow= without 'activations')")
+
+
+class _Offloading:
+    """What ``offload_activations`` returns: ``remove()`` takes the hooks off again."""
+
+    def __init__(self, handles) -> None:
+        self._handles = handles
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+
+
+def offload_activations(model: torch.nn.Module) -> _Offloading:
+    """Runs every forward of ``model`` under ``torch.autograd.graph.save_on_cpu(pin_memory=True)``, as a plan with
+    ``offload_activations`` asks: the tensors its forward saves for the backward wait in pinned host RAM, and the
+    backward copies each back as it needs it. The training wrapper does this; a script that trains the model itself
+    calls it once before training. Returns a handle whose ``remove()`` undoes it."""
+    entered: list = []
+
+    def enter(module, args):
+        context = torch.autograd.graph.save_on_cpu(pin_memory=True)
+        context.__enter__()
+        entered.append(context)
+
+    def leave(module, args, output):  # always called, so an out-of-memory error in the forward leaves no hooks on
+        if entered:
+            entered.pop().__exit__(None, None, None)
+
+    return _Offloading([model.register_forward_pre_hook(enter), model.register_forward_hook(leave, always_call=True)])

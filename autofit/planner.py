@@ -105,8 +105,9 @@ class Throughput:
 
 
 def throughput(spec: models.ModelSpec, cfg: StepConfig, card: gpus.GpuInfo, *, batch_size: int, seq_len: int,
-               grad_accum: int, trainable: int) -> Throughput:
-    """Time of one optimizer step (``grad_accum`` micro-batches of ``batch_size`` x ``seq_len``) on ``card``."""
+               grad_accum: int, trainable: int, offloaded: int = 0) -> Throughput:
+    """Time of one optimizer step (``grad_accum`` micro-batches of ``batch_size`` x ``seq_len``) on ``card``;
+    ``offloaded``: bytes of saved tensors each micro-batch copies to the host and back (activation offloading)."""
     host = card.source == "host"
     if host:
         speed = gpus.host_speed()
@@ -142,6 +143,8 @@ def throughput(spec: models.ModelSpec, cfg: StepConfig, card: gpus.GpuInfo, *, b
     dequant_time = dequant / bus
     launches = LAUNCH_SECONDS_PER_LAYER * spec.num_layers * math.ceil(passes)
     micro = max(compute, memory_time) + dequant_time + launches
+    if cfg.offload_activations and not host:
+        micro += offload.activation_seconds(offloaded, card)
     optimizer = offload.optimizer_seconds(spec, cfg, card, trainable=trainable, bus_bytes_per_second=bus,
                                           grad_accum=grad_accum)  # None: a plain AdamW
     if optimizer is None:
@@ -198,6 +201,7 @@ class _Asked:
     eval_batch_size: int | None
     margin: float | None
     levers: tuple[str, ...] = ()  # optimizer levers the search may pull (offload.LEVERS)
+    activations: bool = False  # activation offloading may be pulled when nothing fits without it
 
 
 def budget(card: gpus.GpuInfo, margin: float | None = None) -> int:
@@ -243,6 +247,7 @@ def plan(
     progress: Callable[[str], None] | None = None,
     allow=None,
     no_offload: bool = False,
+    offload_activations: bool | None = None,
 ) -> "Plan":
     """The fastest plan that fits ``model`` on ``gpu``; see the module docstring.
 
@@ -261,7 +266,10 @@ def plan(
     available is the budget). ``probe`` (None: when the card is present) confirms the plan with trial steps on the
     card. ``allow`` names the optimizer levers full fine-tuning may pull when plain AdamW leaves no useful
     micro-batch (``offload.LEVERS``: "8bit", "paged", "cpu-offload"; default: all when method="full" is asked, none
-    for "auto" unless named); ``no_offload`` forbids the ones that hold state in host RAM. Every plan carries its
+    for "auto" unless named) and whether activations may be offloaded ("activations": pulled, for any method, only
+    when nothing fits at the sequence length without it; allowed unless ``allow`` leaves it out);
+    ``no_offload`` forbids the ones that hold state in host RAM. ``offload_activations`` True offloads them in
+    every configuration tried, False never (None: as a lever). Every plan carries its
     host-RAM estimate (``plan.host``) and the data loader that fits it. Raises
     ``DoesNotFitError`` when nothing fits, naming what binds and every way out, in one line.
     """
@@ -324,9 +332,18 @@ def plan(
         raise ConfigError(f"quantization must be none, 4bit or 8bit; got {quantization!r}")
     checkpointing = (False, True) if gradient_checkpointing is None else (gradient_checkpointing,)
     levers = _levers(card, method, optimizer, allow, no_offload)
+    if offload_activations is not None:
+        validate.flag("offload_activations", offload_activations)
+    if offload_activations and card.source == "host":
+        raise ConfigError("activation offloading moves a card's saved tensors to host RAM; a run on the CPU has "
+                          "nothing to offload (drop offload_activations / --offload-activations)")
+    if offload_activations:
+        knobs["offload_activations"] = True
+    activations = (offload_activations is None and card.source != "host"
+                   and offload.ACTIVATIONS in offload.allowed(allow, no_offload=no_offload))
     asked = _Asked(methods=methods, method=method, quantization=quantization, knobs=knobs,
                    checkpointing=checkpointing, seq_source=seq_source, eval_batch_size=eval_batch_size,
-                   margin=margin, levers=levers)
+                   margin=margin, levers=levers, activations=activations)
 
     bases = _feasible_methods(spec, card, allowed, methods, quantization, knobs, reasons, _loaded_precision(spec),
                               levers)
@@ -352,11 +369,32 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
     if not bases:
         raise _does_not_fit(spec, card, allowed, seq, asked, progress)
     shortened = False
+
+    def settled(found: _Candidate | None):
+        """(reasons before settling, fast model's speed, what ``_settle`` returns) of ``found``, or None where
+        nothing was found or its micro-batch 1 does not fit once simulated exactly (its reasons taken back)."""
+        if found is None:
+            return None
+        before, searched = len(reasons), found.speed.tokens_per_second
+        try:
+            return before, searched, _settle(spec, found, card, allowed, seq, target_batch, lengths, reasons,
+                                             progress, adaptive, eval_batch_size, want_max)
+        except DoesNotFitError as err:
+            del reasons[before:]
+            reasons.append(f"{_config_name(found.cfg)} ruled out at {seq} tokens once simulated exactly ("
+                           f"{str(err).split(': ', 1)[-1]})")
+            return None
+
     while True:
         seen: list[_Candidate] = []
         chosen = _search(spec, card, allowed, seq, target_batch, bases, method, checkpointing, reasons, progress, seen,
                          adaptive, shortened)
-        if chosen is not None:
+        done = settled(chosen)
+        if done is None and asked.activations:
+            chosen = _offloaded_search(spec, card, allowed, seq, target_batch, bases, method, checkpointing, reasons,
+                                       progress, seen, adaptive, shortened)
+            done = settled(chosen)
+        if done is not None:
             break
         if seq_source == "user" or seq <= MIN_SEQ_LEN:
             raise _does_not_fit(spec, card, allowed, seq, asked, progress)
@@ -368,10 +406,7 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
             reasons.append(f"{truncated:.1%} of the data's samples are longer than {seq} tokens and will be truncated")
 
     cand = chosen
-    searched = cand.speed.tokens_per_second
-    mark = len(reasons)
-    estimate, run, expandable, need = _settle(spec, cand, card, allowed, seq, target_batch, lengths, reasons,
-                                              progress, adaptive, eval_batch_size, want_max)
+    mark, searched, (estimate, run, expandable, need) = done
     if cand.speed.tokens_per_second < searched and len(checkpointing) == 2:
         rival = _rival(spec, cand, seen, card, allowed, seq, target_batch, progress, adaptive)
         if rival is not None:
@@ -441,6 +476,11 @@ def _plan(spec, card, allowed, seq, seq_source, truncated, lengths, bases, asked
     trainable = _trainable(spec, cand.cfg)
     if offload.is_lever(cand.cfg):
         reasons.append(_lever_reason(spec, cand, card, seq))
+    if cand.cfg.offload_activations and asked.activations:
+        copy = offload.activation_seconds(estimate.offloaded_copied, card) * cand.grad_accum
+        share = copy / (cand.effective * seq / cand.speed.tokens_per_second)
+        reasons.append(offload.activation_reason(seq, estimate.offloaded_pinned, estimate.offloaded_copied, card,
+                                                 share))
     host_estimate = _host(spec, cand, estimate, need, seq, lengths, reasons)
     return Plan(
         model_name=spec.name, gpu=card, method=cand.cfg.method, quantization=cand.cfg.quantization,
@@ -473,6 +513,7 @@ def _settle(spec, cand: _Candidate, card, allowed, seq, target_batch, lengths, r
             cand.batch_size = cand.largest
         cand.grad_accum, cand.effective = 1, cand.batch_size
         cand.speed = throughput(spec, cand.cfg, card, batch_size=cand.batch_size, seq_len=seq, grad_accum=1,
+                                offloaded=_copied(cand, cand.batch_size, seq),
                                 trainable=_trainable(spec, cand.cfg))
     if want_max:  # the micro-batch reasons were about the default effective batch, not this one
         reasons[:] = [r for r in reasons if not r.startswith(("micro-batch ", "headroom "))]
@@ -736,6 +777,40 @@ def _search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpo
     return best
 
 
+def _offloaded_search(spec, card, allowed, seq, target_batch, bases, method_asked, checkpointing, reasons, progress,
+                      seen, adaptive, shortened) -> _Candidate | None:
+    """The search again with every configuration's activations offloaded to host RAM (the lever pulled when nothing
+    fits at ``seq`` without it); None when nothing fits this way either or the host cannot hold the copies."""
+    offloaded = [replace(b, offload_activations=True) for b in bases if not b.offload_activations]
+    if not offloaded:
+        return None
+    found: list[_Candidate] = []
+    chosen = _search(spec, card, allowed, seq, target_batch, offloaded, method_asked, checkpointing, reasons,
+                     progress, found, adaptive, shortened)
+    if chosen is None:
+        return None
+    # settled as every plan is: exactly, with the estimate's uncertainty kept free (the fast model ranks without it)
+    ratio, samples = _calibration(spec, chosen.cfg, card)
+    chosen.ratio, chosen.calibrated, chosen.kept = ratio, bool(samples), _available(card) - allowed
+    least = chosen.need(_exact(spec, chosen.cfg, card, 1, seq, progress))
+    if least > allowed:
+        reasons.append(f"offloading activations ruled out at {seq} tokens: {_config_name(chosen.cfg)} still needs "
+                       f"{fmt_bytes(least)} at micro-batch 1, the budget is {fmt_bytes(allowed)}")
+        return None
+    pinned = chosen.step_model.offloaded(chosen.batch_size, seq)[0]
+    machine = hostmem.Machine.now()
+    plain = hostmem.estimate(spec, replace(chosen.cfg, offload_activations=False), batch_size=chosen.batch_size,
+                             seq_len=seq, tokens=None, loader=hostmem.Loader(num_workers=0, pin_memory=False),
+                             machine=machine)
+    if plain.peak_bytes + pinned > machine.available_bytes:
+        reasons.append(f"offloading activations ruled out at {seq} tokens: the copies need {fmt_bytes(pinned)} of "
+                       f"pinned host RAM, and with the run's own {fmt_bytes(plain.peak_bytes)} that is more than the "
+                       f"{fmt_bytes(machine.available_bytes)} available")
+        return None
+    seen.extend(found)
+    return chosen
+
+
 # -- the optimizer levers (offload.py): 8-bit, paged 8-bit and CPU-offloaded AdamW state -----------------------------
 def _levers(card, method: str, optimizer: str, allow, no_offload: bool) -> tuple[str, ...]:
     """The levers the search may pull: those allowed, for full fine-tuning on a card, when the optimizer asked is a
@@ -795,7 +870,8 @@ def _host(spec, cand: _Candidate, estimate: MemoryEstimate, need: int, seq: int,
         est, notes = hostmem.plan_host(
             spec, cand.cfg, batch_size=cand.batch_size, seq_len=seq, tokens=hostmem.tokens_of(lengths, seq),
             step_bytes=need if cpu else 0,
-            step_resident=estimate.weights + estimate.gradients + estimate.optimizer_state if cpu else 0)
+            step_resident=estimate.weights + estimate.gradients + estimate.optimizer_state if cpu else 0,
+            offloaded=estimate.offloaded_pinned)
     except Exception as err:  # the host estimate never stops a plan
         log.warning("host memory not estimated (%s)", err)
         return None
@@ -826,8 +902,10 @@ def _config_name(cfg: StepConfig) -> str:
     """"full fine-tuning", or "full fine-tuning in bf16-true" for 16-bit weights; "LoRA"; "QLoRA"."""
     name = _method_name(cfg.method)
     if offload.is_lever(cfg):
-        return f"{name} in {cfg.precision} with {cfg.optimizer}"
-    return f"{name} in {cfg.precision}" if cfg.method == "full" and _sixteen_bit(cfg) else name
+        name = f"{name} in {cfg.precision} with {cfg.optimizer}"
+    elif cfg.method == "full" and _sixteen_bit(cfg):
+        name = f"{name} in {cfg.precision}"
+    return f"{name}, activations offloaded" if cfg.offload_activations else name
 
 
 # The quality cost of training 16-bit weights, stated wherever a plan chooses it. bf16 keeps 8 bits of mantissa, so
@@ -879,7 +957,8 @@ def _size(spec, cfg, card, allowed, seq, target_batch, progress, adaptive=False)
     allocated peak alone passes the budget is surely out (``upper``); its allocator margin is the worst share seen
     and errs high (``max_batch``).
     """
-    stage(progress, f"{_method_name(cfg.method)}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}")
+    stage(progress, f"{_method_name(cfg.method)}, checkpointing {'on' if cfg.gradient_checkpointing else 'off'}"
+                    + (", activations offloaded" if cfg.offload_activations else ""))
     cand = _Candidate(cfg=cfg, context=_context(card), context_measured=_measured_context(card) is not None)
     sm = memory.StepModel(spec, cfg, seq_len=seq, evaluate=True, progress=progress)
     cand.step_model = sm
@@ -900,8 +979,15 @@ def _size(spec, cfg, card, allowed, seq, target_batch, progress, adaptive=False)
     cand.effective = _effective(cand.batch_size, target_batch, adaptive)
     cand.grad_accum = cand.effective // cand.batch_size
     cand.speed = throughput(spec, cfg, card, batch_size=cand.batch_size, seq_len=seq, grad_accum=cand.grad_accum,
-                            trainable=_trainable(spec, cfg))
+                            trainable=_trainable(spec, cfg), offloaded=_copied(cand, cand.batch_size, seq))
     return cand
+
+
+def _copied(cand: _Candidate, batch_size: int, seq: int) -> int:
+    """Bytes a micro-batch of ``cand`` copies each way when it offloads activations (its fast model's fit)."""
+    if not cand.cfg.offload_activations or cand.step_model is None:
+        return 0
+    return cand.step_model.offloaded(batch_size, seq)[1]
 
 
 def _exact(spec, cfg, card, batch_size, seq, progress, eval_batch_size=None) -> MemoryEstimate:
@@ -994,6 +1080,7 @@ def _confirm(spec, cand: _Candidate, card, allowed, seq, target_batch, reasons, 
     cand.effective = _effective(chosen, target_batch, adaptive)
     cand.batch_size, cand.grad_accum = chosen, cand.effective // chosen
     cand.speed = throughput(spec, cand.cfg, card, batch_size=chosen, seq_len=seq, grad_accum=cand.grad_accum,
+                            offloaded=_copied(cand, chosen, seq),
                             trainable=_trainable(spec, cand.cfg))
     stage(progress, "the largest micro-batch that fits")
     cand.largest = _largest_batch(cand, chosen, exact, allowed, seq)
@@ -1127,6 +1214,7 @@ def _run_check(spec, cand: _Candidate, card, allowed, seq, target_batch, sample_
         cand.effective = b if want_max else _effective(b, target_batch, adaptive)
         cand.batch_size, cand.grad_accum = b, cand.effective // b
         cand.speed = throughput(spec, cand.cfg, card, batch_size=b, seq_len=seq, grad_accum=cand.grad_accum,
+                                offloaded=_copied(cand, b, seq),
                                 trainable=_trainable(spec, cand.cfg))
         reasons.append(f"micro-batch {first} stepped down to {b} x {cand.grad_accum} accumulation: two steps fit, "
                        f"but a run of varying lengths does not (the allocator's cached blocks fragment as shapes "
@@ -1206,16 +1294,23 @@ def _base_config(card, method: str, asked: _Asked, *, checkpointing: bool, **ove
     return memory.step_config(card, method=method, quantization=quant, gradient_checkpointing=checkpointing, **knobs)
 
 
-def _least_need(spec, cfg: StepConfig, seq: int, context: int, progress) -> tuple[int, str]:
-    """(bytes, what binds) of ``cfg`` at micro-batch 1 x ``seq``: its static part when that alone is too much is
-    the caller's business; here the simulated step, with its largest part named."""
+def _least_need(spec, cfg: StepConfig, seq: int, card, allowed: int, progress) -> tuple[int, str]:
+    """(bytes, what binds) of ``cfg`` at micro-batch 1 x ``seq`` as the search judges it against ``allowed``: the
+    simulated step with the card's context and, until a probe measured it, the estimate's uncertainty kept free
+    beyond the budget's margin; its static part when the step cannot be simulated. The largest part is named."""
+    context = _context(card) if cfg.device == "cuda" else 0
     try:
         est = memory.simulate_point(spec, cfg, batch_size=1, seq_len=seq, progress=progress)
     except Exception:  # the step could not be simulated: its static part is all that is known
         return _static_bytes(spec, cfg) + context, "its weights, gradients and optimizer state"
+    ratio, samples = _calibration(spec, cfg, card) if cfg.device == "cuda" else (1.0, 0)
+    need = int(est.min_reserved * ratio) + context
+    if cfg.device == "cuda" and not samples:
+        unknown = memory.uncertainty_bytes(est, context_measured=_measured_context(card) is not None)
+        need += max(0, unknown - (_available(card) - allowed))
     parts = {name: getattr(est, name) for name in _PART_NAMES}
     largest = max(parts, key=parts.get)
-    return est.required_bytes, f"{_PART_NAMES[largest]} the largest part ({fmt_bytes(parts[largest])})"
+    return need, f"{_PART_NAMES[largest]} the largest part ({fmt_bytes(parts[largest])})"
 
 
 def _does_not_fit(spec, card, allowed, seq, asked: _Asked, progress=None) -> DoesNotFitError:
@@ -1236,7 +1331,7 @@ def _does_not_fit(spec, card, allowed, seq, asked: _Asked, progress=None) -> Doe
             least[method] = static
             terms.append(f"{_STATIC_PARTS[method]} alone need {fmt_bytes(static)}")
         else:
-            least[method], binding = _least_need(spec, cfg, shortest, context, progress)
+            least[method], binding = _least_need(spec, cfg, shortest, card, allowed, progress)
             terms.append(f"micro-batch 1 x {shortest} tokens{' with checkpointing' if lean else ''} needs "
                          f"{fmt_bytes(least[method])}, {binding}")
     ways: list[str] = []
@@ -1246,7 +1341,7 @@ def _does_not_fit(spec, card, allowed, seq, asked: _Asked, progress=None) -> Doe
         """The longest of ``seq``, ``seq`` / 2, ... (at least MIN_SEQ_LEN) at which micro-batch 1 of ``cfg`` fits."""
         length = seq
         while length >= MIN_SEQ_LEN:
-            if _least_need(spec, cfg, length, context, progress)[0] <= allowed:
+            if _least_need(spec, cfg, length, card, allowed, progress)[0] <= allowed:
                 return length
             if asked.seq_source != "user":
                 return None  # the planner already tried every length down to MIN_SEQ_LEN
@@ -1291,7 +1386,7 @@ def _does_not_fit(spec, card, allowed, seq, asked: _Asked, progress=None) -> Doe
         ways.extend(_lever_ways(spec, card, allowed, shortest, lean, asked, context, progress))
     if lean is False and dynamic:
         cfg = _base_config(card, dynamic[-1], asked, checkpointing=True)
-        need, _ = _least_need(spec, cfg, shortest, context, progress)
+        need, _ = _least_need(spec, cfg, shortest, card, allowed, progress)
         ways.append(f"gradient_checkpointing=True (keeps one layer's activations at a time: {fmt_bytes(need)} at "
                     f"micro-batch 1)")
     if "qlora" in asked.methods and asked.quantization == "8bit":
@@ -1319,7 +1414,7 @@ def _lever_ways(spec, card, allowed, seq, lean, asked: _Asked, context, progress
         cfg = _base_config(card, "full", asked, checkpointing=lean, optimizer=optimizer,
                            **({"precision": precision} if precision else {}))
         static = _static_bytes(spec, cfg) + context
-        need = static if static > allowed else _least_need(spec, cfg, seq, context, progress)[0]
+        need = static if static > allowed else _least_need(spec, cfg, seq, card, allowed, progress)[0]
         shape = "its static part" if static > allowed else \
             f"micro-batch 1 x {seq} tokens{' with checkpointing' if lean else ''}"
         verdict = "fits" if need <= allowed else "still over"

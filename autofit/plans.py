@@ -231,6 +231,16 @@ class Plan:
         return self.estimate.config
 
     @property
+    def offload_activations(self) -> bool:
+        """Whether the planned step keeps its saved activations in host RAM (``prepare_model`` applies it)."""
+        return self.estimate.config.offload_activations
+
+    def prepare_model(self, model):
+        """Applies to ``model`` what ``training_arguments()`` cannot carry: activation offloading where the plan has
+        it (``offload.offload_activations``). Returns the handle whose ``remove()`` undoes it, or None."""
+        return offload.offload_activations(model) if self.offload_activations else None
+
+    @property
     def required_bytes(self) -> int:
         """Free device memory the plan needs: what the planner checked against the budget."""
         if self.need_bytes is not None:
@@ -312,6 +322,11 @@ class Plan:
             + (f"; target length {self.target_len or self.seq_len} ({self.task})" if self.task == "seq2seq-lm" else
                f"; {self.task}" if self.task != "causal-lm" else ""),
             f"  checkpointing        {'on' if self.gradient_checkpointing else 'off'}",
+        ]
+        if self.offload_activations:
+            lines.append(f"  activations          offloaded to pinned host RAM (torch save_on_cpu): "
+                         f"{fmt_bytes(e.offloaded_pinned)} held, {fmt_bytes(e.offloaded_copied)} each way a micro-batch")
+        lines += [
             f"  precision            {self.precision}",
             f"  optimizer            {self.optimizer}",
             f"  eval batch           {self.eval_batch_size}",
@@ -354,6 +369,9 @@ class Plan:
         lines.append("  why:")
         lines.extend(f"    - {r}" for r in self.reasons)
         lines.append("  use it:  args = plan.training_arguments(output_dir='out')  # transformers.TrainingArguments")
+        if self.offload_activations:
+            lines.append("           plan.prepare_model(model)  # offloads its activations, as planned (autofit train "
+                         "does this)")
         return "\n".join(lines)
 
     def peak_parts(self) -> dict[str, int]:

@@ -136,6 +136,10 @@ class CudaDevice:
     def sync(self) -> None:
         torch.cuda.synchronize(self.index)
 
+    def offload_hooks(self):
+        """The saved-tensor hooks a step that offloads activations runs its forward under: torch's own."""
+        return torch.autograd.graph.save_on_cpu(pin_memory=True)
+
     @property
     def torch_device(self) -> str:
         return f"cuda:{self.index}"
@@ -194,6 +198,11 @@ class BudgetedCpuDevice:
 
     def sync(self) -> None:
         pass
+
+    def offload_hooks(self):
+        """Here the device is host memory too: the offloaded copies are made out of the budget's sight, as they
+        would leave a card (``simulate.OffloadedActivations``)."""
+        return simulate.OffloadedActivations(self._tracker)
 
 
 _CPU_TRACKERS: list[Tracker] = []
@@ -256,7 +265,8 @@ def _trial_steps(spec, cfg, device, batch_size, seq_len, eval_batch_size, steps
         batch = simulate.spec_batch(spec, cfg, batch_size, seq_len, device=device.torch_device)
         device.sync()
         started = time.perf_counter()
-        simulate.train_step(model, optimizer, params, cfg, batch, autocast)
+        simulate.train_step(model, optimizer, params, cfg, batch, autocast,
+                            offload=device.offload_hooks() if cfg.offload_activations else None)
         device.sync()
         last = time.perf_counter() - started
         del batch

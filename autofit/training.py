@@ -268,6 +268,7 @@ def load_model(spec: models.ModelSpec, plan: planner.Plan, *, model_ref=None, ra
         if cfg.quantization != "none":
             net = kbit.build_bnb_model(spec, cfg, device)
             _checkpointing_prep(net, cfg)
+            plan.prepare_model(net)
             return net
         with torch.device(device):
             net = AutoModelForCausalLM.from_config(spec.config, dtype=dtype)
@@ -293,6 +294,7 @@ def load_model(spec: models.ModelSpec, plan: planner.Plan, *, model_ref=None, ra
             p.requires_grad_(False)
         net = get_peft_model(net, plan.lora_config(net))
     _checkpointing_prep(net, cfg)
+    plan.prepare_model(net)  # activation offloading, where planned
     return net
 
 

@@ -376,7 +376,7 @@ def sequence_length(spec, seq_len, *, name: str = "seq_len") -> int:
 # -- entry points ----------------------------------------------------------------------------------------------------
 def estimate_inputs(spec, card_info, *, batch_size, seq_len, method, precision, quantization, gradient_checkpointing,
                     optimizer, lora_r, lora_alpha, lora_dropout, lora_targets, max_grad_norm,
-                    expandable_segments) -> None:
+                    expandable_segments, offload_activations=False) -> None:
     """Everything ``autofit.memory.estimate`` takes, checked before it simulates."""
     environment()
     card(card_info)
@@ -387,6 +387,10 @@ def estimate_inputs(spec, card_info, *, batch_size, seq_len, method, precision, 
     if max_grad_norm is not None:
         finite_float("max_grad_norm", max_grad_norm, low=0.0, low_open=True)
     flag("expandable_segments", expandable_segments)
+    flag("offload_activations", offload_activations)
+    if offload_activations and card_info.source == "host":
+        raise ConfigError("activation offloading moves a card's saved tensors to host RAM; a run on the CPU has "
+                          "nothing to offload (drop offload_activations / --offload-activations)")
     batch_shape(spec, batch_size, seq_len)
 
 

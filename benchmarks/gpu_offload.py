@@ -1,5 +1,6 @@
-"""The optimizer levers on a real card: one model trained with plain, 8-bit and CPU-offloaded AdamW state; the card's
-peaks, the host memory the optimizer adds and tokens per second, each beside the plan's figure.
+"""The offloading levers on a real card: one model trained with plain, 8-bit and CPU-offloaded AdamW state, and with
+its activations offloaded (torch's ``save_on_cpu`` with pinned buffers, plain AdamW); the card's peaks, the host
+memory the lever adds and tokens per second, each beside the plan's figure.
 
 Run as part ``offload`` of ``gpu_validation.py`` (``--parts ...,offload``). On CUDA the real libraries run
 (bitsandbytes ``AdamW8bit``, torchao ``CPUOffloadOptimizer``; a lever whose library does not import is skipped with a
@@ -20,7 +21,8 @@ from autofit.sim import simulate
 from autofit.sim.simulate import StepConfig
 
 MODEL = "Qwen/Qwen2.5-0.5B"
-OPTIMIZERS = ["adamw_torch_fused", "adamw_8bit", "adamw_cpu_offload"]
+OPTIMIZERS = ["adamw_torch_fused", "adamw_8bit", "adamw_cpu_offload", "activations"]  # the last: plain AdamW,
+# activations offloaded
 PRECISION = "bf16-true"  # 16-bit weights: the precision a lever-bound plan takes on a small card
 BATCH, SEQ, STEPS = 4, 512, 6
 DRY_BATCH, DRY_SEQ, DRY_STEPS = 1, 64, 3
@@ -71,14 +73,20 @@ def measure(spec, card, dev, optimizer: str, *, dry: bool) -> dict:
     """One optimizer: the estimate (simulated card peaks, host bytes by layout, the planner's tokens/s) against
     ``STEPS`` real steps on ``dev``."""
     batch, seq, steps = (DRY_BATCH, DRY_SEQ, DRY_STEPS) if dry else (BATCH, SEQ, STEPS)
-    cfg = StepConfig(method="full", precision="32-true" if dry else PRECISION, optimizer=optimizer,
+    activations = optimizer == "activations"
+    if activations and dry:
+        return dict(section="offload", model=spec.name, optimizer=optimizer, batch_size=batch, seq_len=seq,
+                    skipped="the dry run's CPU has no card to offload activations from")
+    cfg = StepConfig(method="full", precision="32-true" if dry else PRECISION,
+                     optimizer="adamw_torch_fused" if activations else optimizer, offload_activations=activations,
                      device="cpu" if dry else "cuda", compute_capability=card.compute_capability or (8, 6))
     est = memory.simulate_point(spec, cfg, batch_size=batch, seq_len=seq)
     trainable = spec.total_params
-    speed = planner.throughput(spec, cfg, card, batch_size=batch, seq_len=seq, grad_accum=1, trainable=trainable)
+    speed = planner.throughput(spec, cfg, card, batch_size=batch, seq_len=seq, grad_accum=1, trainable=trainable,
+                               offloaded=est.offloaded_copied)
     row = dict(section="offload", model=spec.name, optimizer=optimizer, precision=cfg.precision, batch_size=batch,
                seq_len=seq, predicted_allocated=est.peak_allocated, predicted_min_reserved=est.min_reserved,
-               predicted_host=sum(offload.host_bytes(spec, cfg).values()),
+               predicted_host=sum(offload.host_bytes(spec, cfg).values()) + est.offloaded_pinned,
                predicted_tokens_per_second=speed.tokens_per_second)
     with dev.session():
         return _steps(spec, cfg, dev, optimizer, row, batch, seq, steps, dry, est)
@@ -90,10 +98,10 @@ def _steps(spec, cfg, dev, optimizer, row, batch, seq, steps, dry, est) -> dict:
     model = dev.build(spec, cfg)
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    opt = library_optimizer(params, optimizer, dry)
+    opt = library_optimizer(params, cfg.optimizer, dry)
     if opt is None:
         watch.stop()
-        row.update(skipped=f"{optimizer}: its library does not import here")
+        row.update(skipped=f"{cfg.optimizer}: its library does not import here")
         return row
     dev.reset()
     seconds = None
@@ -101,7 +109,7 @@ def _steps(spec, cfg, dev, optimizer, row, batch, seq, steps, dry, est) -> dict:
         data = simulate.make_batch(batch, seq, spec.vocab_size, device=dev.torch_device)
         dev.sync()
         started = time.perf_counter()
-        simulate.train_step(model, opt, params, cfg, data, dev.autocast())
+        simulate.train_step(model, opt, params, cfg, data, dev.autocast())  # save_on_cpu(pin_memory=True) if asked
         dev.sync()
         seconds = time.perf_counter() - started
     allocated, reserved = dev.peaks()
@@ -124,5 +132,5 @@ def line(row: dict) -> str:
     return (f"offload {row['optimizer']:<18} allocated {row['measured_allocated'] / mib:,.0f} MiB (estimate "
             f"{row['predicted_allocated'] / mib:,.0f}), reserved {row['measured_reserved'] / mib:,.0f} MiB (least "
             f"estimated {row['predicted_min_reserved'] / mib:,.0f}), host +{row['measured_host_added'] / mib:,.0f} "
-            f"MiB (optimizer's host state by layout {row['predicted_host'] / mib:,.0f}), "
+            f"MiB (the lever's host state {row['predicted_host'] / mib:,.0f}), "
             f"{row['measured_tokens_per_second'] or 0:,.0f} tokens/s (estimate {row['predicted_tokens_per_second']:,.0f})")

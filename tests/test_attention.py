@@ -6,9 +6,10 @@ from autofit.sim.attention import CUDNN, EFFICIENT, FLASH, MATH, select_backend
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 
 
-def choose(cc, dtype=BF16, d=64, mask=False, dropout=0.0, causal=True, sq=512, sk=512, grad=True, dv=None):
+def choose(cc, dtype=BF16, d=64, mask=False, dropout=0.0, causal=True, sq=512, sk=512, grad=True, dv=None,
+           gqa=False):
     return select_backend(compute_capability=cc, dtype=dtype, head_dim_qk=d, head_dim_v=dv or d, has_mask=mask,
-                          dropout=dropout, is_causal=causal, seq_q=sq, seq_k=sk, requires_grad=grad)
+                          dropout=dropout, is_causal=causal, seq_q=sq, seq_k=sk, requires_grad=grad, grouped=gqa)
 
 
 @pytest.mark.parametrize("kwargs, expected", [
@@ -30,6 +31,23 @@ def choose(cc, dtype=BF16, d=64, mask=False, dropout=0.0, causal=True, sq=512, s
     (dict(cc=(9, 0), d=160), FLASH),  # 160 is not a cuDNN backward size
     (dict(cc=(12, 0)), FLASH),  # consumer Blackwell: flash first
     (dict(cc=(8, 6), causal=True, sq=1, sk=512), EFFICIENT),  # flash's causal flag needs square masks
+    # grouped-query heads (enable_gqa): memory-efficient never takes them; flash and cuDNN do
+    (dict(cc=(8, 6), gqa=True), FLASH),
+    (dict(cc=(8, 6), dtype=FP32, gqa=True), MATH),
+    (dict(cc=(7, 5), dtype=FP16, gqa=True), MATH),  # a T4 or RTX 20xx training a GQA model under 16-mixed
+    (dict(cc=(9, 0), gqa=True), CUDNN),
 ])
 def test_backend_selection(kwargs, expected):
     assert choose(**kwargs) == expected
+
+
+@pytest.mark.parametrize("card, precision", [("t4", None), ("rtx3060", "32-true")])
+def test_grouped_query_models_simulate_where_flash_cannot_run(card, precision):
+    # SmolLM2-360M has 15 query heads over 5 key heads: on a T4 (no flash before sm80) or in fp32 the efficient kernel
+    # would be next, but it does not take grouped heads, so math runs; before, the simulation failed here and the
+    # estimate fell back to the analytic formula
+    from autofit import memory
+
+    est = memory.estimate("HuggingFaceTB/SmolLM2-360M", card, batch_size=2, seq_len=256, method="lora",
+                          precision=precision)
+    assert est.source == "simulation" and est.attention_kernel == "math"

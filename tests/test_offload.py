@@ -66,10 +66,10 @@ def test_cpu_offloaded_adamw_keeps_only_small_tensors_state_on_the_card():
 
 
 def test_levers_are_named_and_forbidden_with_one_line_errors():
-    assert offload.allowed(None) == ("8bit", "paged", "cpu-offload")
+    assert offload.allowed(None) == ("8bit", "paged", "cpu-offload", "activations")
     assert offload.allowed("8bit, cpu-offload") == ("8bit", "cpu-offload")
     assert offload.allowed(None, no_offload=True) == ("8bit",)
-    with pytest.raises(ConfigError, match="unknown lever 'fast'.*the levers are 8bit, paged, cpu-offload"):
+    with pytest.raises(ConfigError, match="unknown lever 'fast'.*the levers are 8bit, paged, cpu-offload, activations"):
         offload.allowed("8bit,fast")
     with pytest.raises(ConfigError, match="unknown lever"):
         plan("distilgpt2", "rtx3060", seq_len=128, allow=["gpu-offload"], probe=False)

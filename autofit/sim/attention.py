@@ -34,8 +34,10 @@ def select_backend(
     seq_q: int,
     seq_k: int,
     requires_grad: bool,
+    grouped: bool = False,
 ) -> str:
-    """The SDPA backend PyTorch 2.13 picks on a card of ``compute_capability`` (see sdp_utils.cpp)."""
+    """The SDPA backend PyTorch 2.13 picks on a card of ``compute_capability`` (see sdp_utils.cpp). ``grouped``:
+    the key has fewer heads than the query (grouped-query attention with ``enable_gqa``)."""
     major, minor = compute_capability
     half = dtype in (torch.float16, torch.bfloat16)
     dtype_ok_sm = dtype is torch.float16 or (dtype is torch.bfloat16 and major >= 8)
@@ -53,6 +55,10 @@ def select_backend(
 
     def efficient_ok() -> bool:
         if not ((5, 0) <= (major, minor) <= (12, 1)):
+            return False
+        # its dense constraints use check_batch_size_and_num_heads_dense<false /*supports_grouped_query_attention*/>:
+        # grouped-query inputs go to math unless flash or cuDNN (whose constraints admit them) take them
+        if grouped:
             return False
         # minimum_gemm_alignment: 4 from sm80 on, and 128 bits when tensor cores are used
         tensor_cores = major >= 8 or (major >= 7 and half)
@@ -131,6 +137,7 @@ def cuda_sdpa(compute_capability: tuple[int, int], chosen: list[str] | None = No
             seq_q=query.shape[-2],
             seq_k=key.shape[-2],
             requires_grad=torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad),
+            grouped=enable_gqa and key.shape[-3] != query.shape[-3],
         )
         if chosen is not None:
             chosen.append(backend)

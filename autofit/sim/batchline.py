@@ -110,13 +110,30 @@ def _combine(low, high, batch_size: int, eval_batch_size: int):
     if not (np.array_equal(np.maximum(ROUND_BYTES, -(-r_low // ROUND_BYTES) * ROUND_BYTES), tl.sizes)):
         return None  # the recorded sizes are not the rounded raw ones: a timeline this module does not know
     baseline = int(sizes[: tl.adopted].sum())
+    offloaded = _offloaded_line(low.offloaded, high.offloaded, batch_size)
+    if offloaded is None:
+        return None
     timeline = Timeline(sizes=sizes, tags=tl.tags, events=events, marks=marks, baseline=baseline,
                         adopted=tl.adopted, ops=tl.ops, raw_sizes=raw)
     step_peaks, eval_peak = _peaks(timeline, len(events), eval_at)
     return type(low)(timeline=timeline, categories=low.categories, phases=low.phases,
                       steps=low.steps, num_layers=low.num_layers, batch_size=batch_size,
                       seq_len=low.seq_len, attention_kernels=low.attention_kernels, step_peaks=tuple(step_peaks),
-                      fake=low.fake, eval_batch_size=eval_batch_size, eval_peak=eval_peak)
+                      fake=low.fake, eval_batch_size=eval_batch_size, eval_peak=eval_peak, offloaded=offloaded)
+
+
+def _offloaded_line(low: tuple[int, ...], high: tuple[int, ...], batch_size: int) -> tuple[int, ...] | None:
+    """The bytes each offloaded tensor has at ``batch_size``, a line through the two sources like every allocation;
+    None where the sources offloaded different tensors."""
+    if len(low) != len(high):
+        return None
+    b_low, b_high = SOURCE_BATCHES
+    out = []
+    for a, c in zip(low, high):
+        if (c - a) % (b_high - b_low) or c < a:
+            return None
+        out.append(a + (c - a) // (b_high - b_low) * (batch_size - b_low))
+    return tuple(out)
 
 
 def _peaks(tl: Timeline, n_events: int, eval_at: int) -> tuple[list[int], int]:

@@ -80,6 +80,8 @@ class StepConfig:
     max_grad_norm: float | None = 1.0
     compute_capability: tuple[int, int] = (8, 6)
     device: str = "cuda"  # the device imitated: "cuda", or "cpu" for runs in host memory
+    # the forward's saved tensors copied to pinned host RAM (torch.autograd.graph.save_on_cpu(pin_memory=True))
+    offload_activations: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "precision", precision_name(self.precision))
@@ -100,6 +102,9 @@ class StepConfig:
         if self.device == "cuda" and self.precision.startswith("bf16") and self.compute_capability < (8, 0):
             raise ConfigError("bf16 needs compute capability 8.0 or newer; use 16-mixed on this card "
                               "(precision='16-mixed', --precision 16-mixed)")
+        if self.offload_activations and self.device != "cuda":
+            raise ConfigError("activation offloading moves a card's saved tensors to host RAM; a run in host memory "
+                              "has nothing to offload (drop offload_activations / --offload-activations)")
         if self.quantization != "none" and self.precision.endswith("-true") and self.precision != "32-true":
             raise ConfigError(f"a quantized base trains under mixed precision (bf16-mixed or 16-mixed), "
                               f"not {self.precision}")
@@ -156,6 +161,8 @@ class Simulation:
     fake: bool
     eval_batch_size: int | None = None
     eval_peak: int | None = None  # peak live bytes during the evaluation pass after the steps
+    # bytes of each tensor the last step's forward copied to host RAM, in order (activation offloading; else empty)
+    offloaded: tuple[int, ...] = ()
     memo: dict = field(default_factory=dict, compare=False, repr=False)  # results derived from it (replays)
 
     def peak(self) -> int:
@@ -428,22 +435,56 @@ def _no_mark(phase: int, label: str) -> None:
     pass
 
 
+class OffloadedActivations(torch.autograd.graph.saved_tensors_hooks):
+    """``torch.autograd.graph.save_on_cpu(pin_memory=True)`` as the card sees it, for a run whose tensors all live in
+    one place (fake tensors, or a budgeted CPU device): each tensor autograd saves in the forward is copied whole to
+    host memory, out of the ``tracker``'s sight (torch copies the saved tensor's own elements, a view's too, into a
+    new pinned buffer), and the card's reference is dropped; the backward that uses it gets a fresh copy, a new
+    allocation on the card released once that node has run (torch: ``tensor.to(device)`` on unpack). Parameters are
+    saved tensors too and go the same way. ``sizes`` lists the bytes of every copy made, in order."""
+
+    def __init__(self, tracker: Tracker) -> None:
+        self.sizes: list[int] = []
+
+        def pack(tensor: torch.Tensor) -> torch.Tensor:
+            with tracker.hidden():
+                copy = torch.empty(tensor.size(), dtype=tensor.dtype, layout=tensor.layout)
+                copy.copy_(tensor)
+            self.sizes.append(copy.untyped_storage().nbytes())
+            return copy
+
+        def unpack(copy: torch.Tensor) -> torch.Tensor:
+            return copy.clone()  # the copy back to the card: an allocation the tracker sees
+
+        super().__init__(pack, unpack)
+
+
+def offloading(cfg: StepConfig, offload=None):
+    """The context the forward of ``cfg``'s step runs in: ``offload`` (or torch's ``save_on_cpu`` with pinned
+    buffers) when the step offloads activations, else nothing."""
+    if not cfg.offload_activations:
+        return contextlib.nullcontext()
+    return offload if offload is not None else torch.autograd.graph.save_on_cpu(pin_memory=True)
+
+
 def train_step(model, optimizer, params, cfg: StepConfig, batch: dict, autocast, mark=_no_mark,
-               on_grads=None) -> None:
+               on_grads=None, offload=None) -> None:
     """One step of ``transformers.Trainer`` with accelerate: the forward under autocast with 16-bit outputs
     converted to fp32, loss, backward (scaled for fp16), unscale and clip, optimizer step, ``zero_grad``.
     ``autocast.region(dtype)`` opens an autocast region; ``mark(phase, label)`` is told when each phase starts;
-    ``on_grads(grads)`` sees the gradients before the optimizer steps."""
+    ``on_grads(grads)`` sees the gradients before the optimizer steps; ``offload`` is the saved-tensor hooks the
+    forward runs under when ``cfg.offload_activations`` (default: torch's ``save_on_cpu(pin_memory=True)``)."""
     mark(FORWARD, "forward")
-    if not cfg.autocast:
-        outputs = model(**_model_inputs(batch))
-    else:
-        with autocast.region(cfg.half):
+    with offloading(cfg, offload):
+        if not cfg.autocast:
             outputs = model(**_model_inputs(batch))
-        # accelerate's convert_outputs_to_fp32: 16-bit outputs (the logits) come back as fp32 copies
-        mark(HEAD, "outputs")
-        logits32 = outputs.logits.float() if outputs.logits.dtype != torch.float32 else outputs.logits
-        del logits32
+        else:
+            with autocast.region(cfg.half):
+                outputs = model(**_model_inputs(batch))
+            # accelerate's convert_outputs_to_fp32: 16-bit outputs (the logits) come back as fp32 copies
+            mark(HEAD, "outputs")
+            logits32 = outputs.logits.float() if outputs.logits.dtype != torch.float32 else outputs.logits
+            del logits32
     loss = outputs.loss
     del outputs
     mark(BACKWARD, "backward")
@@ -483,14 +524,17 @@ def eval_step(model, cfg: StepConfig, batch: dict, autocast) -> None:
 
 
 def _traced_step(model, optimizer, params, cfg, autocast, tracker, recorder, step, batch_size, seq_len, spec,
-                 grad_uids):
+                 grad_uids) -> tuple[int, ...]:
+    """One traced step; returns the bytes of each tensor its forward offloaded to host memory."""
     _set_phase(tracker, recorder, step, INPUTS, "inputs")
     batch = spec_batch(spec, cfg, batch_size, seq_len)
+    offload = OffloadedActivations(tracker) if cfg.offload_activations else None
     train_step(model, optimizer, params, cfg, batch, autocast,
                mark=lambda phase, label: _set_phase(tracker, recorder, step, phase, label),
-               on_grads=lambda grads: grad_uids.update(tracker.uid(g) for g in grads))
+               on_grads=lambda grads: grad_uids.update(tracker.uid(g) for g in grads), offload=offload)
     del batch
     tracker.mark(f"{step}:end")
+    return tuple(offload.sizes) if offload is not None else ()
 
 
 def run(
@@ -551,14 +595,14 @@ def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels, ev
         tracker.adopt(list(model.parameters()) + list(model.buffers()))
         recorder = _Recorder(tracker, decoder_layers(model, spec.task))
         optimizer = make_optimizer(params, cfg.optimizer)
-        step_peaks, grad_uids = [], set()
+        step_peaks, grad_uids, offloaded = [], set(), ()
         try:
             with tracker, warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 for step in range(1, steps + 1):
                     tracker.reset_peak()
-                    _traced_step(model, optimizer, params, cfg, autocast, tracker, recorder, step,
-                                 batch_size, seq_len, spec, grad_uids)
+                    offloaded = _traced_step(model, optimizer, params, cfg, autocast, tracker, recorder, step,
+                                             batch_size, seq_len, spec, grad_uids)
                     step_peaks.append(tracker.peak)
                 eval_peak = None
                 if eval_batch_size:
@@ -592,6 +636,7 @@ def _run(spec, cfg, batch_size, seq_len, depth, steps, fake, budget, kernels, ev
         fake=fake,
         eval_batch_size=eval_batch_size,
         eval_peak=eval_peak,
+        offloaded=offloaded,
     )
 
 
@@ -685,7 +730,7 @@ def _load(job: Job) -> Simulation | None:
                               num_layers=meta["num_layers"], batch_size=meta["batch_size"], seq_len=meta["seq_len"],
                               attention_kernels=tuple(meta["kernels"]), step_peaks=tuple(meta["step_peaks"]),
                               fake=True, eval_batch_size=meta.get("eval_batch_size"),
-                              eval_peak=meta.get("eval_peak"))
+                              eval_peak=meta.get("eval_peak"), offloaded=tuple(meta.get("offloaded", ())))
     except Exception as err:  # a foreign or damaged file: ignore it, it will be rewritten
         log.warning("ignoring unreadable cached simulation %s (%s)", path, err)
         return None
@@ -700,7 +745,7 @@ def _save(job: Job, sim: Simulation) -> None:
     meta = dict(marks=list(tl.marks), baseline=tl.baseline, adopted=tl.adopted, ops=list(tl.ops),
                 num_layers=sim.num_layers, batch_size=sim.batch_size, seq_len=sim.seq_len,
                 kernels=list(sim.attention_kernels), step_peaks=list(sim.step_peaks),
-                eval_batch_size=sim.eval_batch_size, eval_peak=sim.eval_peak)
+                eval_batch_size=sim.eval_batch_size, eval_peak=sim.eval_peak, offloaded=list(sim.offloaded))
     try:
         with atomic_file(path, "wb") as fh:
             raw = {} if tl.raw_sizes is None else {"raw_sizes": tl.raw_sizes}

@@ -9,7 +9,9 @@ GPU when probing), so the two can be compared byte for byte.
 
 from __future__ import annotations
 
+import contextlib
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,6 +80,16 @@ class Tracker(TorchDispatchMode):
         self._refs: dict[int, list[weakref.ref]] = {}
         self._baseline = 0
         self._adopted = 0
+        self._hidden = 0  # > 0 while ``hidden()`` is entered: ops run unrecorded
+
+    @contextlib.contextmanager
+    def hidden(self) -> Iterator[None]:
+        """Runs what it wraps unrecorded: memory the device does not hold (a copy in host RAM, say)."""
+        self._hidden += 1
+        try:
+            yield
+        finally:
+            self._hidden -= 1
 
     # -- registration -------------------------------------------------------------------------------------------
     def adopt(self, tensors) -> None:
@@ -183,6 +195,8 @@ class Tracker(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
+        if self._hidden:
+            return out
         flat, _ = tree_flatten(out)
         registered = []
         try:
