@@ -330,6 +330,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     logging.basicConfig(level=logging.DEBUG if args.debug else logging.WARNING,
                         format="autofit: %(levelname)s: %(message)s")
+    if not args.debug:
+        # bitsandbytes warns at import, on CPUs with AVX-512 BF16, that an optional CPU kernel from the Hub did not
+        # load; planning never runs its kernels, so that says nothing about the plan
+        logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     try:
         with _sigterm_raises():
             return args.handler(args)

@@ -110,7 +110,10 @@ def layout(spec: arch.ModelSpec, cfg: StepConfig) -> StateLayout:
     (``Adam8bit`` and ``CpuOffloadAdam`` in the engine cite them). Weight width follows the precision."""
     width = 4 if cfg.weights_dtype == torch.float32 else 2
     device = managed = pinned = 0
-    for n in _trainable_sizes(spec):
+    sizes = _trainable_sizes(spec)
+    if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit") and any(n >= Adam8bit.MIN_8BIT_SIZE for n in sizes):
+        device += 2 * 4 * Adam8bit.QMAP_VALUES  # the signed and unsigned quantization maps, once
+    for n in sizes:
         if cfg.optimizer in ("adamw_8bit", "paged_adamw_8bit"):
             if n < Adam8bit.MIN_8BIT_SIZE:
                 device += 2 * 4 * n

@@ -1,8 +1,11 @@
 """Optimizer levers: 8-bit, paged 8-bit and CPU-offloaded AdamW state, simulated and accounted exactly, planned,
 forbidden and handed over."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
+import torch
 
 from autofit import host as hostmem
 from autofit import model as models
@@ -52,6 +55,29 @@ def test_eight_bit_state_is_simulated_byte_for_byte_from_the_bitsandbytes_layout
     managed = sum(2 * n for n in sizes if n >= 100_000) if optimizer == "paged_adamw_8bit" else 0
     assert offload.layout(spec, cfg).managed == managed
     assert offload.host_bytes(spec, cfg) == ({"paged optimizer state (managed)": managed} if managed else {})
+
+
+def test_bitsandbytes_own_adamw8bit_holds_exactly_the_layout():
+    # the library itself, stepped on the CPU (bitsandbytes 0.45+ runs its 8-bit optimizers there): its state tensors
+    # are the engine's imitation's, storage for storage, and the planner's layout counts their bytes unrounded
+    bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes not installed (pip install 'autofit[quant]')")
+    spec = models.resolve(tiny_llama(**SHAPES))
+    cfg = StepConfig(method="full", precision="32-true", optimizer="adamw_8bit", device="cpu")
+
+    def state(make):
+        net = simulate.build_model(spec, cfg, spec.num_layers, device="cpu")
+        params = [p for p in net.parameters() if p.requires_grad]
+        opt = make(params)
+        for p in params:
+            p.grad = torch.ones_like(p)
+        opt.step()
+        storages = {t.untyped_storage().data_ptr(): (t.dtype, t.untyped_storage().nbytes())
+                    for s in opt.state.values() for t in s.values() if torch.is_tensor(t)}
+        return sorted(storages.values(), key=str)
+
+    real = state(lambda ps: bnb.optim.AdamW8bit(ps, lr=1e-4))
+    assert real == state(lambda ps: simulate.Adam8bit(ps))
+    assert sum(n for _, n in real) == offload.layout(spec, replace(cfg, device="cuda")).device
 
 
 def test_cpu_offloaded_adamw_keeps_only_small_tensors_state_on_the_card():
