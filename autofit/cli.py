@@ -273,6 +273,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-offload", action="store_true", help=NO_OFFLOAD_HELP)
     p.add_argument("--offload-activations", action="store_true", help=OFFLOAD_ACTIVATIONS_HELP)
     p.add_argument("--no-packing", action="store_true", help="truncate each sample instead of packing plain text")
+    g = p.add_argument_group("several GPUs (or CPU ranks)")
+    g.add_argument("--gpus", type=int, default=None, metavar="N",
+                   help="train on N ranks of this machine: plans the world (DDP or FSDP2) for N cards of --gpu (default: "
+                   "the detected ones; without a GPU, N ranks on the CPU), then starts every rank through accelerate "
+                   "launch, each running this command with the plan. --gpu 2x rtx3090 says the same")
+    g.add_argument("--strategy", choices=("auto", "ddp", "fsdp"), default="auto",
+                   help="with several ranks: DDP (a replica per card) or FSDP2 (sharded); auto picks")
     p.add_argument("--json", action="store_true")
     p.set_defaults(handler=_train)
 
@@ -340,7 +347,9 @@ def main(argv: list[str] | None = None) -> int:
     except AutofitError as err:
         if args.debug:
             raise
-        print("autofit: error: " + as_flags(" ".join(str(err).split())), file=sys.stderr)  # one line, in flags
+        rank = os.environ.get("RANK", "0") if os.environ.get("WORLD_SIZE", "1") not in ("", "1") else "0"
+        where = "" if rank == "0" else f" (rank {rank})"  # started on several ranks: each says it, rank 0 plainly
+        print(f"autofit: error{where}: " + as_flags(" ".join(str(err).split())), file=sys.stderr)  # one line, in flags
         return 2
     except KeyboardInterrupt as stop:
         how = "terminated (SIGTERM)" if isinstance(stop, Terminated) else "interrupted"
@@ -554,7 +563,7 @@ def _probe_world(args) -> int:
     if args.out:
         from autofit.files import write_atomic
 
-        write_atomic(args.out, json.dumps(result.to_dict(), indent=2))
+        write_atomic(args.out, result.to_json())  # autofit train --plan reads it
     if args.json:
         _print_json(result.to_dict())
         return 0
@@ -595,7 +604,7 @@ def _fit(args) -> int:
 
 
 def _train(args) -> int:
-    from autofit import training
+    from autofit import distributed, training
 
     options = {k: v for k, v in dict(seq_len=args.seq_len, effective_batch=args.effective_batch,
                                       method=args.method, eval_batch_size=args.eval_batch,
@@ -603,11 +612,20 @@ def _train(args) -> int:
                                       no_offload=args.no_offload or None,
                                       offload_activations=args.offload_activations or None).items()
                if v is not None}  # given ones: a plan wins, and says so
+    launch = distributed.launched()
+    if launch is None and (args.gpus not in (None, 1) or distributed.several(args.gpu)):
+        return _train_on_ranks(args, options)
+    if args.strategy != "auto" and launch is None:
+        raise AutofitError("--strategy chooses how several ranks share the work; add --gpus N")
+    if launch is not None and launch.rank != 0 and not args.debug:
+        _quiet_rank()
     result = training.train(args.model, args.data, output_dir=args.out, plan=args.plan, gpu=args.gpu,
                             steps=args.steps, epochs=args.epochs, random_init=args.random_init, resume=args.resume,
                             overwrite=args.overwrite, learning_rate=args.learning_rate,
                             packing=False if args.no_packing else None, save_steps=args.save_steps,
                             progress=not args.quiet and not args.json, **options)
+    if launch is not None and launch.rank != 0:
+        return 0  # rank 0 reports for every rank
     if args.json:
         from dataclasses import asdict
 
@@ -616,9 +634,94 @@ def _train(args) -> int:
         out["plan"] = result.plan.to_dict()
         _print_json(out)
     else:
-        print(as_flags(result.plan.summary()))
+        if not os.environ.get("AUTOFIT_RANKS_OF"):
+            print(as_flags(result.plan.summary()))
         print(result.report())
     return 0
+
+
+def _quiet_rank() -> None:
+    """A rank other than 0 keeps its warnings to itself: rank 0 says the same once."""
+    logging.getLogger().setLevel(logging.ERROR)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+
+
+def _train_on_ranks(args, options: dict) -> int:
+    """``autofit train --gpus N``: the world's plan made here (bad input fails before anything starts), then every
+    rank started through ``accelerate launch``, each running ``autofit train`` with that plan; returns the ranks'
+    exit status."""
+    import shutil
+    import subprocess
+    import tempfile
+
+    from autofit import distributed, training
+
+    progress = _Progress(not args.quiet and not args.json)
+    if args.plan:
+        world_plan = training._plan(None, args.plan, None, None, None, {})
+        if not isinstance(world_plan, distributed.WorldPlan):
+            raise AutofitError(f"{args.plan} is a plan for one device; train it without --gpus")
+        count = args.gpus if args.gpus is not None else distributed.world(args.gpu).size \
+            if distributed.several(args.gpu) else world_plan.world_size
+        if count != world_plan.world_size:
+            raise AutofitError(f"{args.plan} is a plan for {world_plan.world_size} ranks, not {count}; pass "
+                               f"--gpus {world_plan.world_size} or plan again")
+    else:
+        world_plan = training.plan_ranks(
+            args.model, args.data, output_dir=args.out, gpu=args.gpu, gpus_count=args.gpus, strategy=args.strategy,
+            random_init=args.random_init, resume=args.resume, overwrite=args.overwrite, progress=progress, **options)
+    progress.done()
+    n = world_plan.world_size
+    folder = tempfile.mkdtemp(prefix="autofit-ranks-")
+    try:
+        plan_file, config_file = os.path.join(folder, "plan.json"), os.path.join(folder, "accelerate.yaml")
+        with open(plan_file, "w") as fh:
+            fh.write(world_plan.to_json())
+        with open(config_file, "w") as fh:
+            fh.write(world_plan.accelerate_config())
+        rank_args = [args.model, "--data", args.data, "--out", args.out, "--plan", plan_file]
+        for flag, value in (("--steps", args.steps), ("--epochs", args.epochs), ("--save-steps", args.save_steps),
+                            ("--learning-rate", args.learning_rate)):
+            if value is not None:
+                rank_args += [flag, str(value)]
+        for flag, on in (("--random-init", args.random_init), ("--resume", args.resume),
+                         ("--overwrite", args.overwrite), ("--no-packing", args.no_packing), ("--json", args.json),
+                         ("--quiet", args.quiet), ("--debug", args.debug)):
+            if on:
+                rank_args.append(flag)
+        command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", config_file,
+                   "--num_processes", str(n), "--num_machines", "1", "--main_process_port", str(_free_port())]
+        if world_plan.strategy == "ddp":
+            command.append("--multi_gpu")
+        command += ["--module", "autofit", "train"] + rank_args
+        env = dict(os.environ, AUTOFIT_RANKS_OF="autofit train")  # the ranks leave the plan's summary to this process
+        if world_plan.world.on_cpu and "OMP_NUM_THREADS" not in env:  # the machine's cores shared by its ranks
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // n))
+        if not args.json:
+            print(as_flags(world_plan.summary()))
+            print(f"starting {n} ranks: accelerate launch --num_processes {n} ... -m autofit train "
+                  f"{' '.join(rank_args[:5])} ...", flush=True)
+        done = subprocess.run(command, env=env)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    if done.returncode != 0:
+        if done.returncode in (2, 130, 143):
+            return done.returncode
+        print(f"autofit: error: a rank stopped with exit status {done.returncode}; the ranks' messages above say why",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+def _free_port() -> int:
+    """A TCP port free on this machine now, for the ranks' rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _cache(args) -> int:

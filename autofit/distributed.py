@@ -53,6 +53,11 @@ PCIE_GENERATION = {"pascal": 3, "volta": 3, "turing": 3, "ampere": 4, "ada": 4, 
 # probe on the cards measures the step instead. Nodes are assumed joined by a 100 Gb/s network (12.5 GB/s).
 LINK_EFFICIENCY = 0.7
 INTER_NODE_GBS = 12.5
+# Ranks on one machine's CPUs (a CPU world, for runs and tests without GPUs) talk through gloo over loopback TCP. Its
+# all-reduce between two ranks on a 2-core machine reached 1.4-1.6 GB/s of bus bandwidth for 16-64 MiB of fp32, less
+# for small tensors (``python benchmarks/gloo_loopback.py``, benchmarks/results/cpu-2026-12-06/gloo_loopback.txt); the
+# link's rate is this over LINK_EFFICIENCY, so that the model's collectives run at the measured rate.
+LOOPBACK_BUS_GBS = 1.5
 # DDP all-reduces each bucket as soon as its gradients are ready, so communication hides behind the rest of the last
 # micro-batch's backward (accumulation steps run under no_sync); FSDP2's all-gathers and reduce-scatters overlap the
 # micro-batch's compute. What does not fit behind compute adds to the step.
@@ -92,6 +97,11 @@ class World:
     def per_node(self) -> int:
         return self.size // self.nodes
 
+    @property
+    def on_cpu(self) -> bool:
+        """Ranks on this machine's CPUs (gloo), not GPUs."""
+        return self.cards[0].source == "host"
+
     def tightest(self, margin: float | None = None) -> gpus.GpuInfo:
         """The card with the smallest budget: every rank runs the same step, so it bounds them all."""
         from autofit import planner
@@ -116,7 +126,11 @@ class World:
 
 
 def card_link(card: gpus.GpuInfo) -> Link:
-    """The link ``card`` talks to its peers over on one machine (see ``PCIE_GBS`` and ``NVLINK_GBS``)."""
+    """The link ``card`` talks to its peers over on one machine (see ``PCIE_GBS`` and ``NVLINK_GBS``; a CPU rank:
+    ``LOOPBACK_BUS_GBS``)."""
+    if card.source == "host":
+        return Link(kind="loopback", gbs=LOOPBACK_BUS_GBS / LINK_EFFICIENCY,
+                    source=f"gloo over loopback, {LOOPBACK_BUS_GBS:g} GB/s measured on 2 cores")
     if card.key in NVLINK_GBS:
         return Link(kind="nvlink", gbs=NVLINK_GBS[card.key], source=f"NVLink of the {card.name} (NVIDIA datasheet)")
     generation = PCIE_GENERATION.get(card.family, 3)
@@ -171,8 +185,9 @@ def world(gpu=None, gpus_count: int | None = None, *, nodes: int = 1) -> World:
         cards = tuple(gpus.resolve(g.strip() if isinstance(g, str) else g) for g in gpu)
         if gpus_count is not None and gpus_count != len(cards):
             raise GpuError(f"--gpus {gpus_count} and the {len(cards)} cards named disagree; give one of them")
-        if any(c.source == "host" for c in cards):
-            raise GpuError("the CPU is not a card of a multi-GPU world; name GPUs (e.g. 2x rtx3060)")
+        if any(c.source == "host" for c in cards) and not all(c.source == "host" for c in cards):
+            raise GpuError("the CPU and GPUs cannot be ranks of one world; name GPUs (e.g. 2x rtx3060), or "
+                           "--gpus N --gpu cpu for N ranks on this machine's CPUs")
         return World(cards=cards * nodes if nodes > 1 else cards, nodes=nodes)
     if gpu is None or (isinstance(gpu, str) and gpu.strip().lower() == "cuda"):
         found = gpus.detect()
@@ -189,10 +204,21 @@ def world(gpu=None, gpus_count: int | None = None, *, nodes: int = 1) -> World:
             found = found[:gpus_count]
         return World(cards=tuple(found) * nodes if nodes > 1 else tuple(found), nodes=nodes)
     card = gpus.resolve(gpu)
-    if card.source == "host":
-        raise GpuError("the CPU is not a card of a multi-GPU world; name GPUs (e.g. --gpus 2 --gpu rtx3060)")
     count = gpus_count or 1
+    if card.source == "host":
+        if nodes > 1:
+            raise GpuError("ranks on the CPU are planned for this machine only; leave --nodes out with --gpu cpu")
+        return cpu_world(count)
     return World(cards=(card,) * count * nodes, nodes=nodes)
+
+
+def cpu_world(ranks: int) -> World:
+    """``ranks`` processes on this machine's CPUs (gloo): each rank a share of the host, ``1/ranks`` of its RAM, since
+    every rank holds its own replica. What ``autofit train --gpus N`` runs where no GPU is."""
+    host = gpus.host_memory()
+    share = replace(host, name=f"CPU rank (1/{ranks} of host memory)", total_bytes=host.total_bytes // ranks,
+                    free_bytes=host.free_bytes // ranks, used_by_others_bytes=host.used_by_others_bytes // ranks)
+    return World(cards=(share,) * ranks)
 
 
 # -- per-rank memory --------------------------------------------------------------------------------------------------
@@ -315,12 +341,16 @@ class WorldPlan:
     def accelerate_config(self) -> str:
         """The content of an accelerate config file (YAML) for this plan: pass it as ``--config_file``."""
         mixed = {"bf16-mixed": "bf16", "16-mixed": "fp16"}.get(self.rank.precision, "no")
-        lines = ["compute_environment: LOCAL_MACHINE",
+        lines = []
+        if self.world.on_cpu:
+            lines += ["# ranks on the CPU: accelerate starts several local processes only through torchrun, its",
+                      "# multi-GPU launcher; the Trainer's use_cpu=True then joins them over gloo"]
+        lines += ["compute_environment: LOCAL_MACHINE",
                  f"distributed_type: {'FSDP' if self.strategy == 'fsdp' else 'MULTI_GPU'}",
                  "downcast_bf16: 'no'",
                  "machine_rank: 0",
                  "main_training_function: main",
-                 f"mixed_precision: {mixed}",
+                 f"mixed_precision: '{mixed}'",  # quoted: YAML reads a bare no as false
                  f"num_machines: {self.world.nodes}",
                  f"num_processes: {self.world.size}",
                  "rdzv_backend: static",
@@ -348,6 +378,12 @@ class WorldPlan:
         if self.world.nodes > 1:
             parts += ["--num_machines", str(self.world.nodes), "--machine_rank", "RANK_OF_THIS_NODE"]
         return " ".join(shlex.quote(p) if p not in ("RANK_OF_THIS_NODE",) else p for p in parts + [script])
+
+    def to_json(self) -> str:
+        """The plan as JSON text that ``read_plan`` (``autofit train --plan``) reads back equal."""
+        import json
+
+        return json.dumps(json.loads(plan_to_text(self)), indent=2)
 
     def training_arguments(self, output_dir: str = "out", **overrides):
         """``transformers.TrainingArguments`` for every rank (the per-device batch and accumulation of the rank
@@ -386,20 +422,21 @@ class WorldPlan:
                     "FSDP2 fully_shard (weights, gradients and optimizer state sharded over the ranks)")
         method = {"full": "full fine-tuning", "lora": f"LoRA r={r.lora_r}",
                   "qlora": f"QLoRA r={r.lora_r} ({r.quantization})"}[r.method]
+        unit = "CPU rank" if self.world.on_cpu else "GPU"  # what a rank runs on
         lines = [
             f"plan for {r.model_name} on {self.world.name} ({r.source})",
             f"  strategy             {strategy}",
             f"  method               {method}",
-            f"  per-GPU micro-batch  {r.batch_size} x {r.seq_len} tokens",
+            f"  {'per-' + unit + ' micro-batch':<21}{r.batch_size} x {r.seq_len} tokens",
             f"  accumulation         {r.grad_accum} (effective batch {r.batch_size} x {r.grad_accum} x "
-            f"{self.world.size} GPUs = {self.effective_batch})",
+            f"{self.world.size} {unit}s = {self.effective_batch})",
             f"  checkpointing        {'on' if r.gradient_checkpointing else 'off'}",
             f"  precision            {r.precision}",
-            f"  est. throughput      {self.tokens_per_second:,.0f} tokens/s over {self.world.size} GPUs "
+            f"  est. throughput      {self.tokens_per_second:,.0f} tokens/s over {self.world.size} {unit}s "
             f"(step {self.step_seconds:.2f}s, of which {self.comm_seconds:.2f}s communication not hidden)",
             f"  communication        {fmt_bytes(self.comm_bytes)} per rank per step over {link.kind} "
             f"({link.gbs:g} GB/s per direction, {link.source})",
-            f"  memory per GPU       needs {fmt_bytes(self.rank_need)} of a {fmt_bytes(self.rank_budget)} budget "
+            f"  {'memory per ' + unit:<21}needs {fmt_bytes(self.rank_need)} of a {fmt_bytes(self.rank_budget)} budget "
             f"({fmt_bytes(self.headroom_bytes)} headroom) on the tightest card",
             f"    ({self.memory_source})",
         ]
@@ -430,7 +467,9 @@ def plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, stra
          effective_batch: int | str | None = None, margin: float | None = None,
          gradient_as_bucket_view: bool = False, **kwargs):
     """The fastest plan for ``model`` on one card or several (see ``world`` for what ``gpu``/``gpus_count`` take):
-    ``autofit.plan``. One card (no count, one spec): ``planner.plan``'s ``Plan``, with ``kwargs`` passed on.
+    ``autofit.plan``. One card (no count, one spec): ``planner.plan``'s ``Plan``, with ``kwargs`` passed on. ``gpu``
+    left out where several cards are visible: all of them. Where the cards are this machine's, DDP gives way to FSDP2
+    when its copies of the model would not load in the RAM available.
 
     In a script started on several ranks (``torchrun``, ``accelerate launch``: an initialised process group, or the
     launcher's ``WORLD_SIZE`` above 1) the world is the launcher's ranks: rank 0 plans, every rank gets its plan (see
@@ -459,7 +498,9 @@ def _plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, str
     from autofit import model as models
     from autofit import planner
 
-    if not several(gpu, gpus_count) and nodes == 1:
+    if gpu is None and gpus_count is None and len(gpus.detect()) > 1:
+        gpu = "cuda"  # every visible card
+    elif not several(gpu, gpus_count) and nodes == 1:
         if strategy not in ("auto",) + STRATEGIES:
             raise ConfigError(f"strategy must be auto, ddp or fsdp; got {strategy!r}")
         return planner.plan(model, gpu, effective_batch=effective_batch, margin=margin, **kwargs)
@@ -467,15 +508,16 @@ def _plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, str
     if strategy not in ("auto",) + STRATEGIES:
         raise ConfigError(f"strategy must be auto, ddp or fsdp; got {strategy!r}")
     rank_batch, default_note = effective_batch, None
+    unit = "CPU rank" if w.on_cpu else "GPU"
     if effective_batch is None:  # the single-card default, spread over the ranks
         effective_batch = -(-planner.DEFAULT_EFFECTIVE_BATCH // w.size) * w.size
         default_note = (f"effective batch {effective_batch}: the default ({planner.DEFAULT_EFFECTIVE_BATCH}, a "
-                        f"multiple of {w.size} GPUs), {effective_batch // w.size} per GPU; pass effective_batch=N "
-                        f"(a multiple of {w.size}) to change it")
+                        f"multiple of {w.size} {unit}s), {effective_batch // w.size} per {unit}; pass "
+                        f"effective_batch=N (a multiple of {w.size}) to change it")
     if isinstance(effective_batch, int) and not isinstance(effective_batch, bool):
         if effective_batch < w.size or effective_batch % w.size:
             nearest = max(1, effective_batch // w.size) * w.size
-            raise ConfigError(f"effective_batch {effective_batch} does not divide over {w.size} GPUs; pick a "
+            raise ConfigError(f"effective_batch {effective_batch} does not divide over {w.size} {unit}s; pick a "
                               f"multiple of {w.size} (e.g. effective_batch={nearest})")
         rank_batch = effective_batch // w.size
     reserved = kwargs.pop("reserved_by_others", None)
@@ -484,14 +526,17 @@ def _plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, str
         w = replace(w, cards=tuple(gpus.with_reserved_by_others(c, held) for c in w.cards))
     spec = models.resolve(model)
     kwargs.pop("probe", None)  # probing several ranks needs them all: planned from the estimate here
+    if w.on_cpu and strategy == "fsdp":
+        raise ConfigError("FSDP2 is planned for GPUs; ranks on the CPU run DDP (--strategy ddp, or leave it out)")
     tried, failures = [], []
-    for s in (STRATEGIES if strategy == "auto" else (strategy,)):
+    for s in (STRATEGIES if strategy == "auto" and not w.on_cpu else ("ddp",) if w.on_cpu else (strategy,)):
         try:
             tried.append(_plan_strategy(spec, w, s, rank_batch, margin, gradient_as_bucket_view, kwargs))
         except DoesNotFitError as err:
             failures.append(str(err))
     if not tried:
         raise DoesNotFitError(f"{spec.name} does not fit {w.name}: " + "; ".join(failures))
+    tried, failures = _loadable(tried, failures, w)
     best = max(tried, key=lambda p: (_strength(p.rank), p.tokens_per_second))
     reasons = ([default_note] if default_note else []) + list(best.reasons)
     for other in tried:
@@ -502,9 +547,26 @@ def _plan(model, gpu=None, *, gpus_count: int | None = None, nodes: int = 1, str
                            f"{other.rank.batch_size}, {other.tokens_per_second:,.0f} tokens/s)")
     reasons += [f"ruled out: {f}" for f in failures]
     # the rank plan's own reasons; under FSDP its figures are a replica's, before sharding
-    label = "per GPU" if best.strategy == "ddp" else "per GPU, figures before sharding"
+    label = ("per CPU rank" if w.on_cpu else "per GPU") + ("" if best.strategy == "ddp" else ", figures before sharding")
     reasons += [f"{label}: {r}" for r in best.rank.reasons if not r.startswith("effective batch ")]
     return replace(best, reasons=tuple(reasons))
+
+
+def _loadable(tried: list, failures: list, w: World) -> tuple[list, list]:
+    """The plans whose loading fits this machine's RAM, where the cards are this machine's: DDP, whose ranks each
+    materialise a copy of the model, is ruled out when those copies outgrow the RAM available now and FSDP2 (rank 0
+    loads, the others start on the meta device) is there to take its place. On cards named on paper the RAM is not
+    known; each plan says what it needs."""
+    if not all(c.source in ("nvml", "torch") for c in w.cards):
+        return tried, failures
+    available = gpus.host_memory().free_bytes
+    kept = [p for p in tried if p.strategy != "ddp" or p.host_load_bytes <= available]
+    if not kept or len(kept) == len(tried):
+        return tried, failures
+    dropped = [p for p in tried if all(p is not k for k in kept)]
+    return kept, failures + [f"DDP: its {w.per_node} copies of the model while loading need "
+                             f"{fmt_bytes(p.host_load_bytes)} of host RAM, {fmt_bytes(available)} available now"
+                             for p in dropped]
 
 
 _STRATEGY_NEEDS = {"ddp": "a whole replica and its gradient buckets per rank",
@@ -547,7 +609,7 @@ def _plan_strategy(spec, w: World, strategy: str, rank_batch, margin, bucket_vie
     if kwargs.get("precision") is None and (kwargs.get("method") or "auto") in ("auto", "full") and card.bf16:
         asks.insert(0, dict(kwargs, method="full", precision="bf16-mixed"))
     for _ in range(5):
-        delta = shift - (NCCL_BUFFERS if w.size > 1 else 0)
+        delta = shift - (NCCL_BUFFERS if w.size > 1 and not w.on_cpu else 0)
         virtual = _shifted(card, delta, share)
         try:
             rank_plan = planner.plan(spec, virtual, effective_batch=rank_batch, margin=margin, probe=False, **asks[0])
@@ -588,8 +650,12 @@ def _plan_strategy(spec, w: World, strategy: str, rank_batch, margin, bucket_vie
     else:
         reasons.append(f"FSDP2: weights, gradients and optimizer state divided over {w.size} ranks; the root "
                        f"(embeddings, head) and {IN_FLIGHT_LAYERS} layers gathered at a time")
+    if w.on_cpu:
+        reasons.append(f"ranks on the CPU share its cores: each runs at 1/{w.size} of the rate this machine was "
+                       "measured at, so they train no faster than one process; a way to run and test the launch where "
+                       "no GPU is")
     host = host_load(spec, rank_plan, w, strategy)
-    detected = all(c.source in ("nvml", "torch") for c in w.cards)
+    detected = all(c.source in ("nvml", "torch", "host") for c in w.cards)
     if detected:  # the cards are here, so this machine is the one that loads
         available = gpus.host_memory().free_bytes
         reasons.append(f"host RAM while loading: {fmt_bytes(host)} of the {fmt_bytes(available)} available now"
@@ -598,7 +664,8 @@ def _plan_strategy(spec, w: World, strategy: str, rank_batch, margin, bucket_vie
     else:
         reasons.append(f"host RAM while loading: {fmt_bytes(host)} per machine "
                        + (f"({w.per_node} ranks, a copy each)" if strategy == "ddp" else "(rank 0 loads)"))
-    source = ("single-card step simulated; DDP's buckets and NCCL's buffers added by named components (analytic)"
+    source = ("single-card step simulated; DDP's buckets" + ("" if w.on_cpu else " and NCCL's buffers")
+              + " added by named components (analytic)"
               if strategy == "ddp" else
               "single-card step simulated; sharding and gathered layers by named components (analytic)")
     return WorldPlan(rank=rank_plan, world=w, strategy=strategy,
@@ -660,7 +727,7 @@ def _rank_parts(spec, rank_plan, w: World, strategy: str, bucket_view: bool) -> 
         for name in ("weights", "gradients", "optimizer state"):
             parts[name] = -(-single.get(name, 0) // n)
         parts["FSDP gathered root and layers"] = fsdp_extra(fsdp_shape(spec, rank_plan.step_config))
-    if n > 1:
+    if n > 1 and not w.on_cpu:  # gloo's buffers on the CPU are not a card's
         parts["NCCL buffers"] = NCCL_BUFFERS
     if beyond > 0:
         parts["run and unknowns"] = beyond
@@ -676,12 +743,16 @@ def _communication(spec, rank_plan, w: World, strategy: str) -> tuple[int, float
     speed = planner.throughput(spec, cfg, rank_plan.gpu, batch_size=rank_plan.batch_size, seq_len=rank_plan.seq_len,
                                grad_accum=rank_plan.grad_accum, trainable=rank_plan.trainable_params or 0)
     rate = w.link.gbs * 1e9 * LINK_EFFICIENCY
+    # ranks on one machine's CPUs share its cores (the launcher gives each 1/n of the threads): each runs at 1/n of
+    # the rate the host was measured at, so n ranks train no faster than one process would
+    share = n if w.on_cpu else 1
+    step_seconds, compute_seconds = speed.step_seconds * share, speed.compute_seconds * share
     if n == 1:
-        return 0, 0.0, speed.step_seconds
+        return 0, 0.0, step_seconds
     grads = grad_width(cfg) * (rank_plan.trainable_params or 0)
     if strategy == "ddp":
         sent = int(2 * (n - 1) / n * grads)  # ring all-reduce, once per optimizer step (accumulation under no_sync)
-        hidden = BACKWARD_SHARE * speed.compute_seconds
+        hidden = BACKWARD_SHARE * compute_seconds
         exposed = max(0.0, sent / rate - hidden)
     else:
         shape = fsdp_shape(spec, cfg)
@@ -689,9 +760,9 @@ def _communication(spec, rank_plan, w: World, strategy: str) -> tuple[int, float
         # per micro-batch: all-gather in forward and again in backward, reduce-scatter of the gradients
         per_micro = int((n - 1) / n * (2 * params + grads))
         sent = per_micro * rank_plan.grad_accum
-        exposed = rank_plan.grad_accum * max(0.0, per_micro / rate - speed.compute_seconds) \
+        exposed = rank_plan.grad_accum * max(0.0, per_micro / rate - compute_seconds) \
             + (n - 1) / n * shape.root_gathered / rate  # the first gather waits: nothing runs before it
-    return sent, exposed, speed.step_seconds + exposed
+    return sent, exposed, step_seconds + exposed
 
 
 # -- agreeing on out-of-memory across ranks ------------------------------------------------------------------------
@@ -792,7 +863,7 @@ def launched() -> Launch | None:
     return Launch(world_size=size, rank=rank, local_rank=local_rank, local_world_size=local_size)
 
 
-def _join_group(launch: Launch) -> None:
+def join_group(launch: Launch) -> None:
     """Initialises the default process group from the launcher's variables where the script has not yet (NCCL where
     CUDA is here, else gloo); accelerate and the Trainer use a group that is already initialised."""
     import os
@@ -832,8 +903,10 @@ def _launched_world(launch: Launch, gpu, gpus_count, nodes) -> World:
     if gpu is not None:
         card = gpus.resolve(gpu)
         if card.source == "host":
-            raise GpuError("the CPU is not a card of a multi-GPU world; name the kind of GPU every rank has "
-                           "(e.g. gpu='rtx3080-20gb')")
+            if launch.nodes > 1:
+                raise GpuError("ranks on the CPU are planned for one machine; name the kind of GPU every rank has "
+                               "(e.g. gpu='rtx3080-20gb')")
+            return cpu_world(launch.world_size)
         return World(cards=(card,) * launch.world_size, nodes=launch.nodes)
     # each rank's own card: the one its LOCAL_RANK names (or the only one it sees)
     try:
@@ -851,6 +924,30 @@ def _launched_world(launch: Launch, gpu, gpus_count, nodes) -> World:
         rank, message = failed[0]
         raise GpuError(f"rank {rank}: {message}")
     return World(cards=tuple(everyone), nodes=launch.nodes)
+
+
+def read_plan(text: str):
+    """The plan in a plan.json: a ``WorldPlan`` (what ``WorldPlan.to_json`` or ``plan_to_text`` wrote) or a single
+    card's ``Plan``. Raises ``ConfigError`` naming what is wrong."""
+    import json
+
+    from autofit.plans import Plan
+
+    try:
+        data = json.loads(text)
+    except (ValueError, RecursionError, TypeError):
+        return Plan.from_json(text)  # its own one-line error
+    if isinstance(data, dict) and set(data) == {"world_plan"}:
+        try:
+            return plan_from_text(text)
+        except ConfigError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise ConfigError(f"not a plan file autofit wrote: its world plan is unreadable ({type(err).__name__}: "
+                              f"{str(err)[:100]})") from None
+    if isinstance(data, dict) and set(data) == {"plan"}:
+        return Plan.from_dict(data["plan"])
+    return Plan.from_dict(data) if isinstance(data, dict) else Plan.from_json(text)
 
 
 def plan_to_text(p) -> str:
@@ -894,12 +991,12 @@ def plan_on_every_rank(launch: Launch, model, gpu=None, **kwargs):
     (``_launched_world``); rank 0 alone plans and broadcasts the plan as JSON (``broadcast_object_list``), so every
     rank trains the same micro-batch and accumulation even where the cards' free memory differs a little. An error
     planning on rank 0 is raised on every rank, with its message. Joins the default process group first where the
-    script has not (``_join_group``)."""
+    script has not (``join_group``)."""
     import torch.distributed as dist
 
     from autofit import errors
 
-    _join_group(launch)
+    join_group(launch)
     w = _launched_world(launch, gpu, kwargs.pop("gpus_count", None), kwargs.pop("nodes", 1))
     payload: list = [None]
     failure = None

@@ -29,6 +29,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from autofit import data as datasets
+from autofit import distributed
 from autofit import gpu as gpus
 from autofit import host as hostmem
 from autofit import planner, validate
@@ -62,7 +63,7 @@ class TrainResult:
     """What a run did and measured."""
 
     output_dir: str
-    plan: planner.Plan
+    plan: planner.Plan  # or a distributed.WorldPlan, trained on its ranks
     global_step: int
     train_loss: float | None
     eval_loss: float | None
@@ -75,7 +76,9 @@ class TrainResult:
 
     def report(self) -> str:
         e = self.plan.estimate
-        lines = [f"trained {self.global_step} steps into {self.output_dir}"
+        ranks = (f" on {self.plan.world_size} ranks ({self.plan.strategy.upper()})"
+                 if isinstance(self.plan, distributed.WorldPlan) else "")
+        lines = [f"trained {self.global_step} steps{ranks} into {self.output_dir}"
                  + (f": loss {self.train_loss:.4f}" if self.train_loss is not None else "")
                  + (f", eval loss {self.eval_loss:.4f}" if self.eval_loss is not None else "")]
         if self.tokens_per_second:
@@ -87,7 +90,8 @@ class TrainResult:
                          f"{fmt_bytes(self.peak_allocated)} vs {fmt_bytes(e.peak_allocated)}; "
                          f"{self.alloc_retries} allocator retries")
         else:
-            lines.append(f"  peak resident memory {fmt_bytes(self.peak_host_rss)} (estimate for the step: "
+            lines.append(f"  peak resident memory {fmt_bytes(self.peak_host_rss)}{' on rank 0' if ranks else ''} "
+                         "(estimate for the step: "
                          f"{fmt_bytes(e.peak_allocated)} of tensors)")
         for ev in self.guard_events:
             lines.append(f"  out of memory at step {ev.global_step}: continued with micro-batch {ev.micro_batch_after} "
@@ -126,15 +130,103 @@ def train(
     losing or repeating a step. Raises ``AutofitError`` subclasses for bad input.
     """
     out = validate.train_inputs(
-        data=data, output_dir=output_dir, plan=plan, plan_type=planner.Plan, steps=steps, epochs=epochs,
+        data=data, output_dir=output_dir, plan=plan, plan_type=(planner.Plan, distributed.WorldPlan), steps=steps,
+        epochs=epochs,
         random_init=random_init, resume=resume, overwrite=overwrite, tokenizer=tokenizer, packing=packing,
         learning_rate=learning_rate, eval_steps=eval_steps, save_steps=save_steps, plan_options=plan_options,
         plan_parameters=PLAN_OPTIONS)
+    # started on several ranks (autofit train --gpus N, accelerate launch, torchrun): every rank runs all of this;
+    # rank 0 alone writes the folder's files and speaks, the others wait for it where they read what it wrote
+    launch = distributed.launched()
+    if launch is not None:
+        distributed.join_group(launch)
+    main = launch is None or launch.rank == 0
+    if not main:
+        progress = False
     # progress: a callable hears every message; True shows them on a terminal (bars for counted work)
     tell = progress if callable(progress) else Terminal(bool(progress))
     if not isinstance(data, (list, tuple)):
         tell(f"reading {data}")
     samples = datasets.load_samples(data) if not isinstance(data, (list, tuple)) else validate.samples(data)
+    spec, tok = _model_and_tokenizer(model, samples, tokenizer, random_init, tell)
+    if resume and plan is None and (out / "plan.json").is_file():
+        plan = out / "plan.json"  # the run continues with the knobs it started with
+        if plan_options:
+            log.warning("resuming with the plan in %s, so %s ignored", plan, ", ".join(
+                f"{k}={v!r}" for k, v in sorted(plan_options.items())) + (" is" if len(plan_options) == 1 else " are"))
+    plan = _plan(spec, plan, gpu, samples, tok, plan_options, tell, launch)
+    validate.plan_for_model(plan, spec)
+    _check_ranks(plan, launch)
+    _barrier()  # every rank has read the folder as it was before rank 0 changes it
+    if main:
+        if overwrite:
+            _clear_run(out)
+        out.mkdir(parents=True, exist_ok=True)
+        _clear_leftovers(out)
+        write_atomic(out / "plan.json", plan.to_json())
+    if plan.expandable_segments:
+        _use_expandable_segments()
+    net = load_model(spec, plan, model_ref=model, random_init=random_init,
+                     device_index=launch.local_rank if launch is not None else None)
+    packed = packing if packing is not None else all(isinstance(s, str) for s in samples) and \
+        not str(data).endswith((".jsonl", ".json"))
+    train_samples, eval_samples = _split(samples)
+    train_set = datasets.tokenize(train_samples, tok, seq_len=plan.seq_len, packing=packed, progress=tell)
+    eval_set = datasets.tokenize(eval_samples, tok, seq_len=plan.seq_len, packing=packed) if eval_samples else None
+    getattr(tell, "done", lambda: None)()  # end a terminal's progress line before the Trainer prints
+    if learning_rate is None and random_init:
+        learning_rate = 1e-3  # random weights learn at pretraining rates, not fine-tuning ones
+    # the loader that fits this machine's RAM now, with the data's tokens counted; plan.json says what the run used
+    tokens = sum(len(item["input_ids"]) for item in train_set)
+    if isinstance(plan, distributed.WorldPlan):  # each rank's loader, on this machine
+        plan = replace(plan, rank=hostmem.refit_loader(plan.rank, spec, tokens=tokens, tell=log.warning))
+    else:
+        plan = hostmem.refit_loader(plan, spec, tokens=tokens, tell=log.warning)
+    if main:
+        write_atomic(out / "plan.json", plan.to_json())
+    args = _arguments(plan, out, steps, epochs, learning_rate, eval_steps, save_steps, bool(eval_set), progress,
+                      len(train_set))
+    checkpoint = _last_checkpoint(out) if resume else None
+    if resume and checkpoint is None:
+        log.warning("no complete checkpoint in %s to resume from; starting from the beginning", out)
+    # steps after the checkpoint run again: their rows go, so the log holds each step once; a rank's own log each
+    log_path = out / ("memory_log.jsonl" if main else f"memory_log.rank{launch.rank}.jsonl")
+    _trim_memory_log(log_path, _step_of(checkpoint))
+    memory_log = MemoryLog(log_path, tokens_per_step=plan.effective_batch * plan.seq_len)
+    planned_optimizer = plan.optimizer_cls_and_kwargs(args)  # one TrainingArguments.optim cannot name, or None
+    trainer = _Trainer(model=net, args=args, train_dataset=train_set, eval_dataset=eval_set,
+                       data_collator=lambda batch: datasets.collate(batch, tok.pad_token_id), processing_class=tok,
+                       callbacks=[memory_log],
+                       **({"optimizer_cls_and_kwargs": planned_optimizer} if planned_optimizer else {}))
+    if not progress:
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)  # it prints logs to stdout, where --json output goes
+    if hasattr(progress, "done"):
+        progress.done()  # the Trainer's own progress bar takes over
+    if getattr(plan, "strategy", "ddp") == "fsdp":
+        # FSDP gathers inside the step, where a rank that ran out of memory would leave the others waiting
+        log.info("FSDP: trained without the out-of-memory guard, on the planned micro-batch")
+        state = None
+    else:
+        state = guard(trainer)
+    result = trainer.train(resume_from_checkpoint=checkpoint)
+    eval_loss = trainer.evaluate().get("eval_loss") if eval_set is not None else None
+    _save_final(trainer, tok, out, main)
+    if main:
+        trainer.state.save_to_json(str(out / "trainer_state.json"))  # the run's log history, checkpoints or not
+    _barrier()
+    summary = memory_log.summary()
+    return TrainResult(
+        output_dir=str(out), plan=plan, global_step=result.global_step, train_loss=result.training_loss,
+        eval_loss=eval_loss, peak_allocated=summary["peak_allocated"], peak_reserved=summary["peak_reserved"],
+        peak_host_rss=summary["peak_host_rss"], alloc_retries=summary["alloc_retries"],
+        tokens_per_second=summary["tokens_per_second"], guard_events=tuple(state.events) if state else ())
+
+
+def _model_and_tokenizer(model, samples, tokenizer, random_init, tell):
+    """The model's spec and the tokenizer the run uses: the given one, the model's own from disk, or (``random_init``)
+    one built from ``samples``, whose vocabulary then sizes the architecture's embeddings and head."""
     spec = models.resolve(model)
     if spec.task != "causal-lm":
         raise ConfigError(f"train() fine-tunes causal language models; {spec.name} trains as {spec.task}: take its "
@@ -148,68 +240,12 @@ def train(
         tell(f"training a tokenizer on {len(samples):,} samples")
         tok = datasets.build_tokenizer(samples)
     if random_init and len(tok) != spec.vocab_size:
-        # the architecture with the data's tokenizer: its vocabulary sizes the embeddings and the head
         config = copy.deepcopy(spec.config)
         config.vocab_size = len(tok)
         for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
             setattr(config, key, getattr(tok, key, None))
         spec = replace(models.resolve(config), name=spec.name)
-    if resume and plan is None and (out / "plan.json").is_file():
-        plan = out / "plan.json"  # the run continues with the knobs it started with
-        if plan_options:
-            log.warning("resuming with the plan in %s, so %s ignored", plan, ", ".join(
-                f"{k}={v!r}" for k, v in sorted(plan_options.items())) + (" is" if len(plan_options) == 1 else " are"))
-    plan = _plan(spec, plan, gpu, samples, tok, plan_options, tell)
-    validate.plan_for_model(plan, spec)
-    if overwrite:
-        _clear_run(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _clear_leftovers(out)
-    write_atomic(out / "plan.json", plan.to_json())
-    if plan.expandable_segments:
-        _use_expandable_segments()
-    net = load_model(spec, plan, model_ref=model, random_init=random_init)
-    packed = packing if packing is not None else all(isinstance(s, str) for s in samples) and \
-        not str(data).endswith((".jsonl", ".json"))
-    train_samples, eval_samples = _split(samples)
-    train_set = datasets.tokenize(train_samples, tok, seq_len=plan.seq_len, packing=packed, progress=tell)
-    eval_set = datasets.tokenize(eval_samples, tok, seq_len=plan.seq_len, packing=packed) if eval_samples else None
-    getattr(tell, "done", lambda: None)()  # end a terminal's progress line before the Trainer prints
-    if learning_rate is None and random_init:
-        learning_rate = 1e-3  # random weights learn at pretraining rates, not fine-tuning ones
-    # the loader that fits this machine's RAM now, with the data's tokens counted; plan.json says what the run used
-    plan = hostmem.refit_loader(plan, spec, tokens=sum(len(item["input_ids"]) for item in train_set), tell=log.warning)
-    write_atomic(out / "plan.json", plan.to_json())
-    args = _arguments(plan, out, steps, epochs, learning_rate, eval_steps, save_steps, bool(eval_set), progress,
-                      len(train_set))
-    checkpoint = _last_checkpoint(out) if resume else None
-    if resume and checkpoint is None:
-        log.warning("no complete checkpoint in %s to resume from; starting from the beginning", out)
-    # steps after the checkpoint run again: their rows go, so the log holds each step once
-    _trim_memory_log(out / "memory_log.jsonl", _step_of(checkpoint))
-    memory_log = MemoryLog(out / "memory_log.jsonl", tokens_per_step=plan.effective_batch * plan.seq_len)
-    planned_optimizer = plan.optimizer_cls_and_kwargs(args)  # one TrainingArguments.optim cannot name, or None
-    trainer = _Trainer(model=net, args=args, train_dataset=train_set, eval_dataset=eval_set,
-                       data_collator=lambda batch: datasets.collate(batch, tok.pad_token_id), processing_class=tok,
-                       callbacks=[memory_log],
-                       **({"optimizer_cls_and_kwargs": planned_optimizer} if planned_optimizer else {}))
-    if not progress:
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)  # it prints logs to stdout, where --json output goes
-    if hasattr(progress, "done"):
-        progress.done()  # the Trainer's own progress bar takes over
-    state = guard(trainer)
-    result = trainer.train(resume_from_checkpoint=checkpoint)
-    eval_loss = trainer.evaluate().get("eval_loss") if eval_set is not None else None
-    _save_final(trainer, tok, out)
-    trainer.state.save_to_json(str(out / "trainer_state.json"))  # the run's log history, checkpoints or not
-    summary = memory_log.summary()
-    return TrainResult(
-        output_dir=str(out), plan=plan, global_step=result.global_step, train_loss=result.training_loss,
-        eval_loss=eval_loss, peak_allocated=summary["peak_allocated"], peak_reserved=summary["peak_reserved"],
-        peak_host_rss=summary["peak_host_rss"], alloc_retries=summary["alloc_retries"],
-        tokens_per_second=summary["tokens_per_second"], guard_events=tuple(state.events))
+    return spec, tok
 
 
 def _use_expandable_segments() -> None:
@@ -225,8 +261,10 @@ def _use_expandable_segments() -> None:
         torch.cuda.memory._set_allocator_settings("expandable_segments:True")
 
 
-def _plan(spec, plan, gpu, samples, tok, options, progress=None) -> planner.Plan:
-    if isinstance(plan, planner.Plan):
+def _plan(spec, plan, gpu, samples, tok, options, progress=None, launch=None):
+    """The run's plan: the one given (a ``Plan``, a ``WorldPlan`` or a plan.json), else one made now for ``gpu`` (the
+    detected card, else the CPU); on several ranks, the world's, decided on rank 0 (``distributed.plan``)."""
+    if isinstance(plan, (planner.Plan, distributed.WorldPlan)):
         return plan
     if isinstance(plan, (str, os.PathLike)):
         try:
@@ -236,24 +274,80 @@ def _plan(spec, plan, gpu, samples, tok, options, progress=None) -> planner.Plan
         except UnicodeDecodeError:
             raise ConfigError(f"the plan {plan} is not text; pass a plan.json from autofit probe --out") from None
         try:
-            return planner.Plan.from_json(text)
+            return distributed.read_plan(text)
         except ConfigError as err:
             raise ConfigError(f"{plan}: {err}") from None
     if gpu is None:
-        gpu = "cuda:0" if gpus.detect() else "cpu"
+        gpu = "cuda" if gpus.detect() else "cpu"
     options = dict(options)
     if "seq_len" not in options:
         options["dataset"], options["tokenizer"] = samples, tok
-    return planner.plan(spec, gpu, progress=progress, **options)
+    if launch is not None:  # every rank calls it; rank 0 plans for the launcher's world and tells the others
+        return distributed.plan(spec, None if gpu == "cuda" else gpu, progress=progress, **options)
+    return planner.plan(spec, "cuda:0" if gpu == "cuda" else gpu, progress=progress, **options)
 
 
-def load_model(spec: models.ModelSpec, plan: planner.Plan, *, model_ref=None, random_init: bool = False):
-    """The model as ``plan`` trains it, on the plan's device: weights from a local directory or the Hugging Face
-    cache (``random_init``: from the config), quantized for QLoRA, with LoRA adapters for LoRA and QLoRA."""
+def plan_ranks(model, data, *, output_dir: str, gpu=None, gpus_count: int | None = None, strategy: str = "auto",
+               random_init: bool = False, resume: bool = False, overwrite: bool = False, tokenizer=None,
+               progress: bool | Callable[[str], None] = True, **plan_options) -> "distributed.WorldPlan":
+    """The plan ``train`` would follow on several ranks of this machine, made before they start: what
+    ``autofit train --gpus N`` launches the ranks with. ``gpu`` and ``gpus_count`` name the world as
+    ``distributed.world`` takes them (no GPU here and none named: ranks on the CPU). The same checks as ``train``, so
+    bad input fails here in one line and nothing is launched. Raises ``AutofitError`` subclasses."""
+    out = validate.train_inputs(
+        data=data, output_dir=output_dir, plan=None, plan_type=planner.Plan, steps=None, epochs=None,
+        random_init=random_init, resume=resume, overwrite=overwrite, tokenizer=tokenizer, packing=None,
+        learning_rate=None, eval_steps=None, save_steps=None, plan_options=plan_options, plan_parameters=PLAN_OPTIONS)
+    if resume and (out / "plan.json").is_file():  # the run continues with the plan it started with
+        plan = _plan(None, out / "plan.json", None, None, None, {})
+        if not isinstance(plan, distributed.WorldPlan):
+            raise ConfigError(f"{out} holds a run on one device; resume it with autofit train without --gpus")
+        return plan
+    tell = progress if callable(progress) else Terminal(bool(progress))
+    samples = datasets.load_samples(data) if not isinstance(data, (list, tuple)) else validate.samples(data)
+    spec, tok = _model_and_tokenizer(model, samples, tokenizer, random_init, tell)
+    if gpu is None and not gpus.detect():
+        gpu = "cpu"
+    options = dict(plan_options)
+    if "seq_len" not in options:
+        options["dataset"], options["tokenizer"] = samples, tok
+    w = distributed.world(gpu, gpus_count)
+    if w.size > 1 and not w.on_cpu and w.size > len(gpus.detect()):
+        raise ConfigError(f"{w.size} ranks need {w.size} CUDA cards here and {len(gpus.detect())} are visible; plan "
+                          f"such a world on paper with autofit probe --gpu {w.name.replace(' ', '')}")
+    result = distributed.plan(spec, w, strategy=strategy, progress=tell, **options)
+    getattr(tell, "done", lambda: None)()
+    return result
+
+
+def _check_ranks(plan, launch) -> None:
+    """A plan for several ranks runs on as many ranks, and a plan for one device on one process."""
+    ranks = launch.world_size if launch is not None else 1
+    planned = plan.world_size if isinstance(plan, distributed.WorldPlan) else 1
+    if planned != ranks:
+        how = (f"autofit train --gpus {planned} starts them" if planned > 1 else
+               "plan for the launcher's ranks (leave --plan out) or start one process")
+        raise ConfigError(f"the plan is for {planned} rank(s) but this run has {ranks}; {how}")
+
+
+def _barrier() -> None:
+    """Waits for every rank, where a process group is running."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def load_model(spec: models.ModelSpec, plan: planner.Plan, *, model_ref=None, random_init: bool = False,
+               device_index: int | None = None):
+    """The model as ``plan`` trains it, on the plan's device (``device_index``: this rank's card): weights from a
+    local directory or the Hugging Face cache (``random_init``: from the config), quantized for QLoRA, with LoRA
+    adapters for LoRA and QLoRA."""
     from transformers import AutoModelForCausalLM
 
     cfg = plan.step_config
-    device = "cpu" if cfg.device == "cpu" else f"cuda:{plan.gpu.index or 0}"
+    index = device_index if device_index is not None else plan.gpu.index or 0
+    device = "cpu" if cfg.device == "cpu" else f"cuda:{index}"
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"this plan is for {plan.gpu.name} but no CUDA device is here; plan for this machine with "
                           "gpu='cpu', or train on the card")
@@ -318,7 +412,7 @@ def _split(samples: list) -> tuple[list, list]:
 
 
 def _arguments(plan, out, steps, epochs, learning_rate, eval_steps, save_steps, evaluate, progress, n_items):
-    per_step = plan.batch_size * plan.grad_accum
+    per_step = plan.effective_batch  # samples per optimizer step, over every rank
     total = steps or max(1, int(((epochs or 1.0) * n_items) // per_step))
     # a run of a given number of steps is a short one (a smoke test, a try): its checkpoints would be mostly
     # optimizer state (twice the weights for AdamW) that nothing resumes from, so it keeps none unless asked
@@ -351,19 +445,26 @@ class _Trainer(Trainer):
         run_dir = Path(self._get_output_dir(trial=trial))
         name = f"checkpoint-{self.state.global_step}"
         staging = run_dir / f"{STAGING}{name}"
-        _discard(staging)
+        main = self.is_world_process_zero()  # on several ranks each writes its part (its RNG state, its shards) into
+        if main:                             # the staging folder; rank 0 alone moves the whole into place
+            _discard(staging)
+        _barrier()
         self._get_output_dir = lambda trial=None: str(staging)  # transformers saves into <this>/checkpoint-N
         try:
             super()._save_checkpoint(model, trial)
-            _discard(run_dir / name)  # one of the same step from an earlier, overwritten run
-            os.replace(staging / name, run_dir / name)
+            _barrier()
+            if main:
+                _discard(run_dir / name)  # one of the same step from an earlier, overwritten run
+                os.replace(staging / name, run_dir / name)
         finally:
             del self._get_output_dir
-            _discard(staging)
+            if main:
+                _discard(staging)
         keep = self.args.save_total_limit
-        if keep:
+        if keep and main:
             for _, old in _checkpoints(run_dir)[:-keep]:
                 _discard(old)
+        _barrier()
 
 
 def _discard(path: Path) -> None:
@@ -432,18 +533,24 @@ def _trim_memory_log(path: Path, step: int) -> None:
     write_atomic(path, "".join(kept))
 
 
-def _save_final(trainer, tok, out: Path) -> None:
+def _save_final(trainer, tok, out: Path, main: bool = True) -> None:
     """Saves the model (or adapter) and tokenizer into ``out`` through a staging folder, each file renamed into place
-    whole and the weights last, so that weights in ``out`` mean a finished run."""
+    whole and the weights last, so that weights in ``out`` mean a finished run. On several ranks every rank takes
+    part in the save (FSDP gathers its shards) and rank 0 writes."""
     staging = out / f"{STAGING}final"
-    _discard(staging)
+    if main:
+        _discard(staging)
+    _barrier()
     try:
         trainer.save_model(str(staging))
-        tok.save_pretrained(str(staging))
-        for path in sorted(staging.iterdir(), key=lambda p: p.name in _WEIGHTS):
-            os.replace(path, out / path.name)
+        _barrier()
+        if main:
+            tok.save_pretrained(str(staging))
+            for path in sorted(staging.iterdir(), key=lambda p: p.name in _WEIGHTS):
+                os.replace(path, out / path.name)
     finally:
-        _discard(staging)
+        if main:
+            _discard(staging)
 
 
 class MemoryLog(TrainerCallback):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from dataclasses import replace
 
 import pytest
 import torch
@@ -58,7 +59,7 @@ def test_world_of_detected_cards(monkeypatch):
     ("2x rtx3060", 3, "disagree"),
     ("rtx3060", 0, "--gpus must be a whole number"),
     ("rtx3060,", None, "an empty card name"),
-    ("2x cpu", None, "the CPU is not a card"),
+    ("cpu,rtx3060", None, "the CPU and GPUs cannot be ranks of one world"),
     ([], None, "an empty list"),
 ])
 def test_bad_worlds_say_what_to_do(spec, count, message):
@@ -408,7 +409,7 @@ def test_fsdp_plan_shards_what_one_card_cannot_hold(tmp_path):
     assert p.comm_bytes > 0 and p.step_seconds > p.comm_seconds >= 0
     config = p.accelerate_config()
     for line in ("distributed_type: FSDP", "fsdp_version: 2", "fsdp_transformer_layer_cls_to_wrap: GPT2Block",
-                 "mixed_precision: bf16", "num_processes: 2"):
+                 "mixed_precision: 'bf16'", "num_processes: 2"):
         assert line in config
     assert "--multi_gpu" not in p.launch_command()
     read = _accelerate_reads(config, tmp_path)  # accelerate's own loader takes the file
@@ -436,3 +437,23 @@ def test_cli_plans_several_gpus(capsys):
     assert "2x NVIDIA GeForce RTX 3080" in out and "accelerate launch" in out and "DDP gradient buckets" in out
     assert main(["probe", "distilgpt2", "--gpus", "2", "--gpu", "rtx9999"]) == 2
     assert "unknown GPU" in capsys.readouterr().err
+
+
+def test_ddp_whose_copies_outgrow_the_ram_here_gives_way_to_fsdp(monkeypatch):
+    # two detected 24 GB cards on a machine with 600 MiB of RAM free: DDP's two fp32 copies of distilgpt2 (2 x 312 MiB)
+    # do not load; FSDP2's one copy on rank 0 does
+    cards = [replace(gpus.resolve("rtx3090"), source="nvml", index=i) for i in range(2)]
+    monkeypatch.setattr(gpus, "detect", lambda: cards)
+    ask = dict(seq_len=128, effective_batch=8, method="full", precision="bf16-mixed")
+    roomy = d.plan("distilgpt2", None, **ask)  # every detected card when there are several
+    assert roomy.world_size == 2 and any(r.startswith("FSDP over DDP") for r in roomy.reasons)  # DDP was a candidate
+    assert not any(r.startswith("ruled out: DDP") for r in roomy.reasons)
+    host = gpus.host_memory()
+    monkeypatch.setattr(gpus, "host_memory", lambda: replace(host, free_bytes=600 * 2**20))
+    tight = d.plan("distilgpt2", None, **ask)
+    assert tight.strategy == "fsdp" and tight.host_load_bytes <= 600 * 2**20 < 2 * tight.host_load_bytes
+    assert "ruled out: DDP: its 2 copies of the model while loading need 624.9 MiB of host RAM, 600.0 MiB available " \
+           "now" in tight.reasons
+    assert not any(r.startswith("FSDP over DDP") for r in tight.reasons)
+    forced = d.plan("distilgpt2", None, strategy="ddp", **ask)  # asked for: kept, and it says what loading needs
+    assert forced.strategy == "ddp" and any("too little: FSDP loads on rank 0 only" in r for r in forced.reasons)
