@@ -196,7 +196,8 @@ def world(gpu=None, gpus_count: int | None = None, *, nodes: int = 1) -> World:
                 raise GpuError("no CUDA GPU detected; name the cards you plan for, e.g. gpu='2x rtx3080-20gb' or "
                                "--gpus 2 --gpu rtx3080-20gb")
             raise GpuError(f"--gpus {gpus_count} without --gpu needs {gpus_count} detected cards and none is here; "
-                           f"name the kind: --gpus {gpus_count} --gpu rtx3080-20gb")
+                           f"name the kind: --gpus {gpus_count} --gpu rtx3080-20gb (or --gpu cpu for ranks on this "
+                           "machine's CPUs)")
         if gpus_count is not None:
             if gpus_count > len(found):
                 raise GpuError(f"--gpus {gpus_count} but {len(found)} CUDA card(s) are visible; pass --gpus "

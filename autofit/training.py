@@ -84,11 +84,18 @@ class TrainResult:
         if self.tokens_per_second:
             lines.append(f"  throughput: {self.tokens_per_second:,.0f} tokens/s measured "
                          f"({self.plan.tokens_per_second:,.0f} estimated)")
-        if self.peak_reserved is not None:
-            lines.append(f"  peak reserved {fmt_bytes(self.peak_reserved)} measured vs {fmt_bytes(e.peak_reserved)} "
-                         f"estimated ({self.peak_reserved / e.peak_reserved:.1%}); peak allocated "
-                         f"{fmt_bytes(self.peak_allocated)} vs {fmt_bytes(e.peak_allocated)}; "
-                         f"{self.alloc_retries} allocator retries")
+        if self.peak_reserved is not None and getattr(self.plan, "strategy", "ddp") == "fsdp":
+            lines.append(f"  peak reserved {fmt_bytes(self.peak_reserved)} and allocated "
+                         f"{fmt_bytes(self.peak_allocated)} on rank 0 (planned per rank: {fmt_bytes(self.plan.rank_need)} "
+                         f"with the CUDA context); {self.alloc_retries} allocator retries")
+        elif self.peak_reserved is not None:
+            # under DDP the gradient buckets are the allocator's too: the rank's step plus them
+            buckets = self.plan.rank_parts.get("DDP gradient buckets", 0) if ranks else 0
+            reserved, allocated = e.peak_reserved + buckets, e.peak_allocated + buckets
+            lines.append(f"  peak reserved {fmt_bytes(self.peak_reserved)} measured vs {fmt_bytes(reserved)} "
+                         f"estimated ({self.peak_reserved / reserved:.1%}); peak allocated "
+                         f"{fmt_bytes(self.peak_allocated)} vs {fmt_bytes(allocated)}"
+                         f"{' on rank 0, with DDP buckets' if ranks else ''}; {self.alloc_retries} allocator retries")
         else:
             lines.append(f"  peak resident memory {fmt_bytes(self.peak_host_rss)}{' on rank 0' if ranks else ''} "
                          "(estimate for the step: "
