@@ -598,6 +598,8 @@ def _plan_strategy(spec, w: World, strategy: str, rank_batch, margin, bucket_vie
     or removes per rank, settled until the rank's need fits the real budget."""
     from autofit import planner
 
+    if strategy == "fsdp":
+        kwargs = _fsdp_options(kwargs)
     card = w.tightest(margin)
     real_budget = planner.budget(card, margin)
     # bytes the rank plan's card gets (FSDP: what sharding saves) or loses (DDP: the buckets), beyond NCCL's buffers;
@@ -676,6 +678,21 @@ def _plan_strategy(spec, w: World, strategy: str, rank_batch, margin, bucket_vie
                      step_seconds=step, tokens_per_second=tokens / step, reasons=tuple(reasons),
                      gradient_as_bucket_view=bucket_view, host_load_bytes=host,
                      layer_class=_layer_class(spec) if strategy == "fsdp" else None)
+
+
+def _fsdp_options(kwargs: dict) -> dict:
+    """The planner's options under FSDP2: no optimizer lever. bitsandbytes' 8-bit and paged optimizers allocate their
+    state like the parameter and hand DTensor shards to their kernels, which FSDP2 breaks (bitsandbytes issues #89,
+    "8-bit optimizers dont work with FSDP", and #1633, an illegal memory access under FSDP2, both open); torchao's
+    CPUOffloadOptimizer is not planned over shards either (FSDP2's own CPUOffloadPolicy is the engine for that).
+    Activation offloading stays as allowed."""
+    from autofit import offload
+
+    if kwargs.get("optimizer") in offload.LEVER_OF:
+        raise DoesNotFitError(f"FSDP: the optimizer {kwargs['optimizer']} is not planned over FSDP2's shards "
+                              "(bitsandbytes' 8-bit optimizers do not run on them); DDP runs it")
+    names = offload.allowed(kwargs.get("allow"), no_offload=bool(kwargs.get("no_offload")))
+    return dict(kwargs, allow=tuple(n for n in names if n not in offload.LEVERS))
 
 
 def _first_shift(spec, card, w: World, strategy: str, bucket_view: bool, kwargs) -> int:

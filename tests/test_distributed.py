@@ -16,7 +16,7 @@ from torch import nn
 
 from autofit import distributed as d
 from autofit import gpu as gpus
-from autofit.errors import ConfigError, GpuError
+from autofit.errors import ConfigError, DoesNotFitError, GpuError
 from autofit.sim.tracker import Tracker, round_bytes
 from tests.conftest import end_rank
 
@@ -457,3 +457,16 @@ def test_ddp_whose_copies_outgrow_the_ram_here_gives_way_to_fsdp(monkeypatch):
     assert not any(r.startswith("FSDP over DDP") for r in tight.reasons)
     forced = d.plan("distilgpt2", None, strategy="ddp", **ask)  # asked for: kept, and it says what loading needs
     assert forced.strategy == "ddp" and any("too little: FSDP loads on rank 0 only" in r for r in forced.reasons)
+
+
+def test_fsdp_plans_no_bitsandbytes_optimizer():
+    # on one 20 GB card Qwen2.5-1.5B's full fine-tuning needs paged 8-bit AdamW; sharded over two it must not: the
+    # 8-bit optimizers do not run on FSDP2's DTensor shards, so the rank trains plain AdamW on its half of the state
+    from autofit import offload
+
+    p = d.plan("Qwen/Qwen2.5-1.5B", "2x rtx3080-20gb", method="full", strategy="fsdp")
+    assert p.rank.optimizer not in offload.LEVER_OF
+    single = p.rank.peak_parts()["optimizer state"]  # fp32 moments (and AdamW's step counters), halved
+    assert single >= 2 * 4 * p.rank.trainable_params and p.rank_parts["optimizer state"] == -(-single // 2)
+    with pytest.raises(DoesNotFitError, match="FSDP: the optimizer adamw_8bit is not planned over FSDP2's shards"):
+        d.plan("Qwen/Qwen2.5-1.5B", "2x rtx3080-20gb", method="full", optimizer="adamw_8bit", strategy="fsdp")
