@@ -131,7 +131,9 @@ class Machine:
 
 def stored_dtype(spec: arch.ModelSpec) -> torch.dtype:
     """The dtype a checkpoint of ``spec`` stores its weights in (the config's ``dtype``; fp32 when it names none)."""
-    value = getattr(spec.config, "dtype", None) or getattr(spec.config, "torch_dtype", None)
+    # transformers 5 keeps it as dtype (its torch_dtype property only warns); 4.x as torch_dtype
+    stored = vars(spec.config)
+    value = stored.get("dtype") or stored.get("torch_dtype")
     if isinstance(value, str):
         value = getattr(torch, value, None)
     return value if isinstance(value, torch.dtype) else torch.float32
