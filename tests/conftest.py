@@ -111,3 +111,11 @@ def end_rank() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+@pytest.fixture
+def notes(tmp_path):
+    """A small plain-text file to train on: one sentence, 48 paragraphs."""
+    path = tmp_path / "notes.txt"
+    path.write_text("\n\n".join(["the model learns this sentence about small cards and big models."] * 48))
+    return path

@@ -23,13 +23,6 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture
-def notes(tmp_path):
-    path = tmp_path / "notes.txt"
-    path.write_text("\n\n".join(["the model learns this sentence about small cards and big models."] * 48))
-    return path
-
-
-@pytest.fixture
 def tiny(tmp_path):
     folder = tmp_path / "tiny-llama"
     tiny_llama().save_pretrained(folder)

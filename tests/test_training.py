@@ -14,13 +14,6 @@ from tests.conftest import tiny_llama
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture
-def notes(tmp_path):
-    path = tmp_path / "notes.txt"
-    path.write_text("\n\n".join(["the model learns this sentence about small cards and big models."] * 48))
-    return path
-
-
 def losses(out: Path) -> list[float]:
     state = json.loads((out / "trainer_state.json").read_text())
     return [h["loss"] for h in state["log_history"] if "loss" in h]
