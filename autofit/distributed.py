@@ -881,9 +881,10 @@ def launched() -> Launch | None:
     return Launch(world_size=size, rank=rank, local_rank=local_rank, local_world_size=local_size)
 
 
-def join_group(launch: Launch) -> None:
+def join_group(launch: Launch, *, cpu: bool = False) -> None:
     """Initialises the default process group from the launcher's variables where the script has not yet (NCCL where
-    CUDA is here, else gloo); accelerate and the Trainer use a group that is already initialised."""
+    CUDA is here and the ranks are not ``cpu`` ones, else gloo); accelerate and the Trainer use a group that is
+    already initialised."""
     import os
 
     import torch
@@ -896,7 +897,7 @@ def join_group(launch: Launch) -> None:
         raise ConfigError(f"WORLD_SIZE={launch.world_size} but {' and '.join(missing)} not set; start the script with "
                           "torchrun or accelerate launch, or call torch.distributed.init_process_group() first")
     backend = "gloo"
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not cpu:
         backend = "nccl"
         torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
     dist.init_process_group(backend, init_method="env://", rank=launch.rank, world_size=launch.world_size)
@@ -1014,7 +1015,7 @@ def plan_on_every_rank(launch: Launch, model, gpu=None, **kwargs):
 
     from autofit import errors
 
-    join_group(launch)
+    join_group(launch, cpu=isinstance(gpu, str) and gpu.strip().lower() == "cpu")
     w = _launched_world(launch, gpu, kwargs.pop("gpus_count", None), kwargs.pop("nodes", 1))
     payload: list = [None]
     failure = None

@@ -145,8 +145,6 @@ def train(
     # started on several ranks (autofit train --gpus N, accelerate launch, torchrun): every rank runs all of this;
     # rank 0 alone writes the folder's files and speaks, the others wait for it where they read what it wrote
     launch = distributed.launched()
-    if launch is not None:
-        distributed.join_group(launch)
     main = launch is None or launch.rank == 0
     if not main:
         progress = False
@@ -162,6 +160,8 @@ def train(
             log.warning("resuming with the plan in %s, so %s ignored", plan, ", ".join(
                 f"{k}={v!r}" for k, v in sorted(plan_options.items())) + (" is" if len(plan_options) == 1 else " are"))
     plan = _plan(spec, plan, gpu, samples, tok, plan_options, tell, launch)
+    if launch is not None:  # gloo for ranks on the CPU, even where a card is here
+        distributed.join_group(launch, cpu=plan.step_config.device == "cpu")
     validate.plan_for_model(plan, spec)
     _check_ranks(plan, launch)
     _barrier()  # every rank has read the folder as it was before rank 0 changes it

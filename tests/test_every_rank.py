@@ -283,3 +283,20 @@ def test_the_guard_refuses_fsdp_across_ranks(monkeypatch):
             _check_wrapper(fully_shard(torch.nn.Linear(4, 4)))
     finally:
         dist.destroy_process_group()
+
+
+def test_ranks_on_the_cpu_join_over_gloo_even_where_a_card_is_here(monkeypatch):
+    import torch
+
+    joined, devices = [], []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", devices.append)
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", lambda backend, **kw: joined.append((backend, kw["rank"])))
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    launch = d.Launch(world_size=2, rank=1, local_rank=1, local_world_size=2)
+    d.join_group(launch, cpu=True)
+    d.join_group(launch)
+    assert joined == [("gloo", 1), ("nccl", 1)] and devices == [1]
