@@ -660,11 +660,10 @@ def _train_on_ranks(args, options: dict) -> int:
 
     progress = _Progress(not args.quiet and not args.json)
     if args.plan:
-        world_plan = training._plan(None, args.plan, None, None, None, {})
+        world_plan = training.read_plan_file(args.plan)
         if not isinstance(world_plan, distributed.WorldPlan):
             raise AutofitError(f"{args.plan} is a plan for one device; train it without --gpus")
-        count = args.gpus if args.gpus is not None else distributed.world(args.gpu).size \
-            if distributed.several(args.gpu) else world_plan.world_size
+        count = args.gpus if args.gpus is not None else distributed.world(args.gpu).size  # --gpu 2x CARD
         if count != world_plan.world_size:
             raise AutofitError(f"{args.plan} is a plan for {world_plan.world_size} ranks, not {count}; pass "
                                f"--gpus {world_plan.world_size} or plan again")

@@ -947,7 +947,7 @@ def _launched_world(launch: Launch, gpu, gpus_count, nodes) -> World:
 
 def read_plan(text: str):
     """The plan in a plan.json: a ``WorldPlan`` (what ``WorldPlan.to_json`` or ``plan_to_text`` wrote) or a single
-    card's ``Plan``. Raises ``ConfigError`` naming what is wrong."""
+    card's ``Plan`` (``Plan.to_json``). Raises ``ConfigError`` naming what is wrong."""
     import json
 
     from autofit.plans import Plan
@@ -955,18 +955,14 @@ def read_plan(text: str):
     try:
         data = json.loads(text)
     except (ValueError, RecursionError, TypeError):
-        return Plan.from_json(text)  # its own one-line error
-    if isinstance(data, dict) and set(data) == {"world_plan"}:
-        try:
-            return plan_from_text(text)
-        except ConfigError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as err:
-            raise ConfigError(f"not a plan file autofit wrote: its world plan is unreadable ({type(err).__name__}: "
-                              f"{str(err)[:100]})") from None
-    if isinstance(data, dict) and set(data) == {"plan"}:
-        return Plan.from_dict(data["plan"])
-    return Plan.from_dict(data) if isinstance(data, dict) else Plan.from_json(text)
+        data = None
+    if not (isinstance(data, dict) and set(data) in ({"world_plan"}, {"plan"})):
+        return Plan.from_json(text)  # a single card's plan, or its own one-line error
+    try:
+        return plan_from_text(text)
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        raise ConfigError(f"not a plan file autofit wrote: its world plan is unreadable ({type(err).__name__}: "
+                          f"{str(err)[:100]})") from None
 
 
 def plan_to_text(p) -> str:

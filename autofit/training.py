@@ -270,28 +270,35 @@ def _use_expandable_segments() -> None:
 
 def _plan(spec, plan, gpu, samples, tok, options, progress=None, launch=None):
     """The run's plan: the one given (a ``Plan``, a ``WorldPlan`` or a plan.json), else one made now for ``gpu`` (the
-    detected card, else the CPU); on several ranks, the world's, decided on rank 0 (``distributed.plan``)."""
+    detected card, else the CPU; a ``distributed.World``: its ranks); on several ranks, the world's, decided on rank 0
+    (``distributed.plan``)."""
     if isinstance(plan, (planner.Plan, distributed.WorldPlan)):
         return plan
     if isinstance(plan, (str, os.PathLike)):
-        try:
-            text = Path(plan).read_text()
-        except OSError as err:
-            raise ConfigError(f"cannot read the plan {plan}: {err.strerror}") from None
-        except UnicodeDecodeError:
-            raise ConfigError(f"the plan {plan} is not text; pass a plan.json from autofit probe --out") from None
-        try:
-            return distributed.read_plan(text)
-        except ConfigError as err:
-            raise ConfigError(f"{plan}: {err}") from None
+        return read_plan_file(plan)
     if gpu is None:
         gpu = "cuda" if gpus.detect() else "cpu"
     options = dict(options)
     if "seq_len" not in options:
         options["dataset"], options["tokenizer"] = samples, tok
-    if launch is not None:  # every rank calls it; rank 0 plans for the launcher's world and tells the others
+    if launch is not None or isinstance(gpu, distributed.World):
+        # a world planned before its ranks start, or every rank calling it: rank 0 plans the launcher's world
         return distributed.plan(spec, None if gpu == "cuda" else gpu, progress=progress, **options)
     return planner.plan(spec, "cuda:0" if gpu == "cuda" else gpu, progress=progress, **options)
+
+
+def read_plan_file(path):
+    """The ``Plan`` or ``WorldPlan`` in the plan.json at ``path``. Raises ``ConfigError`` naming the file."""
+    try:
+        text = Path(path).read_text()
+    except OSError as err:
+        raise ConfigError(f"cannot read the plan {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"the plan {path} is not text; pass a plan.json from autofit probe --out") from None
+    try:
+        return distributed.read_plan(text)
+    except ConfigError as err:
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def plan_ranks(model, data, *, output_dir: str, gpu=None, gpus_count: int | None = None, strategy: str = "auto",
@@ -306,23 +313,18 @@ def plan_ranks(model, data, *, output_dir: str, gpu=None, gpus_count: int | None
         random_init=random_init, resume=resume, overwrite=overwrite, tokenizer=tokenizer, packing=None,
         learning_rate=None, eval_steps=None, save_steps=None, plan_options=plan_options, plan_parameters=PLAN_OPTIONS)
     if resume and (out / "plan.json").is_file():  # the run continues with the plan it started with
-        plan = _plan(None, out / "plan.json", None, None, None, {})
+        plan = read_plan_file(out / "plan.json")
         if not isinstance(plan, distributed.WorldPlan):
             raise ConfigError(f"{out} holds a run on one device; resume it with autofit train without --gpus")
         return plan
     tell = progress if callable(progress) else Terminal(bool(progress))
     samples = datasets.load_samples(data) if not isinstance(data, (list, tuple)) else validate.samples(data)
     spec, tok = _model_and_tokenizer(model, samples, tokenizer, random_init, tell)
-    if gpu is None and not gpus.detect():
-        gpu = "cpu"
-    options = dict(plan_options)
-    if "seq_len" not in options:
-        options["dataset"], options["tokenizer"] = samples, tok
-    w = distributed.world(gpu, gpus_count)
+    w = distributed.world("cpu" if gpu is None and not gpus.detect() else gpu, gpus_count)
     if w.size > 1 and not w.on_cpu and w.size > len(gpus.detect()):
         raise ConfigError(f"{w.size} ranks need {w.size} CUDA cards here and {len(gpus.detect())} are visible; plan "
                           f"such a world on paper with autofit probe --gpu {w.name.replace(' ', '')}")
-    result = distributed.plan(spec, w, strategy=strategy, progress=tell, **options)
+    result = _plan(spec, None, w, samples, tok, dict(plan_options, strategy=strategy), tell)
     getattr(tell, "done", lambda: None)()
     return result
 

@@ -95,6 +95,10 @@ def test_a_plan_for_one_device_is_refused_on_ranks_and_a_world_plan_in_one_proce
                 "--plan", str(single), "--out", str(tmp_path / "a")])
     assert code == 2 and "is a plan for one device; train it without --gpus" in capsys.readouterr().err
     world = d.plan(tiny_llama(), "cpu", gpus_count=2, seq_len=32, effective_batch=4)
+    (tmp_path / "world.json").write_text(world.to_json())
+    code = cli(["train", str(tiny), "--data", str(notes), "--random-init", "--steps", "1", "--gpus", "3",
+                "--plan", str(tmp_path / "world.json"), "--out", str(tmp_path / "a")])
+    assert code == 2 and "is a plan for 2 ranks, not 3; pass --gpus 2 or plan again" in capsys.readouterr().err
     with pytest.raises(ConfigError, match=r"the plan is for 2 rank\(s\) but this run has 1; autofit train --gpus 2"):
         training.train(tiny_llama(), str(notes), output_dir=str(tmp_path / "b"), plan=world, steps=1,
                        random_init=True, progress=False)
