@@ -188,3 +188,37 @@ def test_corrupt_or_foreign_database_is_moved_aside(tmp_path, caplog):
     calibration.Store(other).close()
     assert any(p.name.startswith("other.db.aside-") for p in tmp_path.iterdir())
     assert "moving" in caplog.text
+
+
+class _Cycle:
+    pass
+
+
+def test_a_trial_collects_its_own_cycles_and_leaves_nothing_frozen(spec):
+    import gc
+    import weakref
+
+    with probing._collecting_only_new():
+        node = _Cycle()
+        node.me, node.tensor = node, torch.zeros(4)
+        alive = weakref.ref(node)
+        del node
+        assert alive() is not None  # a cycle: reference counting alone keeps it
+        gc.collect()
+        assert alive() is None
+    assert gc.get_freeze_count() == 0
+    t = probing.run_trial(spec, CFG, BudgetedCpuDevice(budget_bytes=2**20), batch_size=2, seq_len=SEQ)
+    assert t.outcome == "oom" and t.memory_returned and gc.get_freeze_count() == 0
+
+
+def test_objects_the_process_froze_itself_stay_frozen(spec):
+    import gc
+
+    gc.freeze()
+    try:
+        frozen = gc.get_freeze_count()
+        with probing._collecting_only_new():
+            assert gc.get_freeze_count() == frozen
+        assert gc.get_freeze_count() == frozen
+    finally:
+        gc.unfreeze()
