@@ -239,6 +239,7 @@ def run_trial(spec: models.ModelSpec, cfg: StepConfig, device, *, batch_size: in
     """Builds a fresh model of ``spec`` as ``cfg`` trains it on ``device`` and runs ``steps`` training steps of
     ``batch_size`` x ``seq_len`` and, with ``eval_batch_size``, an evaluation forward pass. Out-of-memory errors end
     the trial as ``outcome="oom"``; any other error propagates unchanged."""
+    simulate.end_workers()
     started = time.perf_counter()
     outcome, note, peaks, step_seconds, used, outside = "fits", "", (None, None), None, None, None
     with device.session():

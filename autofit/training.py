@@ -33,7 +33,7 @@ from autofit import distributed
 from autofit import gpu as gpus
 from autofit import host as hostmem
 from autofit import planner, validate
-from autofit.sim import kbit
+from autofit.sim import kbit, simulate
 from autofit import model as models
 from autofit.errors import ConfigError, ModelError
 from autofit.files import write_atomic
@@ -173,6 +173,7 @@ def train(
         write_atomic(out / "plan.json", plan.to_json())
     if plan.expandable_segments:
         _use_expandable_segments()
+    simulate.end_workers()  # planning is over: the run does not share its pages with idle workers
     net = load_model(spec, plan, model_ref=model, random_init=random_init,
                      device_index=launch.local_rank if launch is not None else None)
     packed = packing if packing is not None else all(isinstance(s, str) for s in samples) and \

@@ -101,3 +101,21 @@ def test_tracker_budget_raises_out_of_memory_and_frees_what_it_held():
         assert tracker.live == 32 * 1024
         del kept
     assert tracker.live == 0
+
+
+def test_simulation_workers_stay_for_the_next_plan_and_end_before_a_trial(monkeypatch):
+    """A fresh pair of workers costs a plan about 0.3 s, while idle ones make this process copy each page it writes
+    next: they stay between plans and end when a trial starts."""
+    from autofit import probing
+
+    monkeypatch.setenv("AUTOFIT_WORKERS", "2")
+    spec = model.resolve(tiny_gpt2())
+    cfg = StepConfig(device="cpu", precision="32-true")
+    jobs = [simulate.Job(spec=spec, cfg=cfg, batch_size=b, seq_len=32, num_layers=2) for b in (2, 3)]
+    simulate.run_many(jobs)
+    pool = simulate._POOL
+    assert pool is not None
+    simulate.run_many([simulate.Job(spec=spec, cfg=cfg, batch_size=b, seq_len=48, num_layers=2) for b in (2, 3)])
+    assert simulate._POOL is pool
+    trial = probing.run_trial(spec, cfg, probing.BudgetedCpuDevice(budget_bytes=2**30), batch_size=1, seq_len=16)
+    assert trial.fits and simulate._POOL is None
