@@ -173,7 +173,7 @@ def train(
         write_atomic(out / "plan.json", plan.to_json())
     if plan.expandable_segments:
         _use_expandable_segments()
-    simulate.end_workers()  # planning is over: the run does not share its pages with idle workers
+    simulate._shutdown_pool()  # planning is over: the run does not share its pages with idle simulation workers
     net = load_model(spec, plan, model_ref=model, random_init=random_init,
                      device_index=launch.local_rank if launch is not None else None)
     packed = packing if packing is not None else all(isinstance(s, str) for s in samples) and \

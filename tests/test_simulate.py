@@ -104,8 +104,8 @@ def test_tracker_budget_raises_out_of_memory_and_frees_what_it_held():
 
 
 def test_simulation_workers_stay_for_the_next_plan_and_end_before_a_trial(monkeypatch):
-    """A fresh pair of workers costs a plan about 0.3 s, while idle ones make this process copy each page it writes
-    next: they stay between plans and end when a trial starts."""
+    """Idle workers make this process copy each page it writes next: they stay between plans (a fresh pair costs the
+    next plan its start) and end when a trial starts."""
     from autofit import probing
 
     monkeypatch.setenv("AUTOFIT_WORKERS", "2")
