@@ -222,8 +222,8 @@ def _collecting_only_new() -> Iterator[None]:
     """Within, ``gc.collect()`` walks only the objects made inside: everything older is frozen for the while
     (``gc.freeze``). A trial's garbage is its own model, optimizer and tensors, all made inside, while a full
     collection in a process that imported torch and transformers walks every object they made (0.17 s on 2 cores,
-    measured, twice a trial: 40 % of a small model's trial on the budgeted CPU device). Where the process froze
-    objects itself, nothing is frozen or thawed here and collections stay full."""
+    twice a trial; ``benchmarks/trial_overhead.py``: a small LoRA trial 0.87 s with both, 0.46 s without). Where the
+    process froze objects itself, nothing is frozen or thawed here and collections stay full."""
     if gc.get_freeze_count():
         yield
         return
@@ -240,8 +240,8 @@ def run_trial(spec: models.ModelSpec, cfg: StepConfig, device, *, batch_size: in
     ``batch_size`` x ``seq_len`` and, with ``eval_batch_size``, an evaluation forward pass. Out-of-memory errors end
     the trial as ``outcome="oom"``; any other error propagates unchanged."""
     # the simulation workers go first: idle forked workers share this process's pages copy-on-write, so each page
-    # the trial writes while they live is copied first (measured on 2 cores with a small GPT-2 shape: the first LoRA
-    # trial after a plan took 0.70 s with them alive, 0.44 s without); the next plan forks a fresh pair
+    # the trial writes while they live is copied first (benchmarks/trial_overhead.py, 2 cores: the first small LoRA
+    # trial after a plan took 0.95 s with them alive, 0.53 s without); the next plan forks a fresh pair
     simulate._shutdown_pool()
     started = time.perf_counter()
     outcome, note, peaks, step_seconds, used, outside = "fits", "", (None, None), None, None, None
