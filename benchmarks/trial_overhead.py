@@ -16,6 +16,7 @@ Two costs that every trial of every search pays, measured on the budgeted CPU de
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import os
 import statistics
@@ -57,10 +58,9 @@ def after_a_plan(spec, cfg, device, *, workers_alive: bool) -> tuple[float, floa
     started = time.perf_counter()
     planner.plan(spec, card(), seq_len=SEQ, effective_batch=64, margin=0.0, probe=False, gradient_checkpointing=False)
     planned = time.perf_counter() - started
-    if workers_alive:
-        with mock.patch.object(simulate, "_shutdown_pool", lambda: None):
-            return planned, trial(spec, cfg, device, full_collections=False)
-    return planned, trial(spec, cfg, device, full_collections=False)
+    kept = mock.patch.object(simulate, "_shutdown_pool", lambda: None) if workers_alive else contextlib.nullcontext()
+    with kept:
+        return planned, trial(spec, cfg, device, full_collections=False)
 
 
 def main(argv=None) -> int:
